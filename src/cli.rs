@@ -1,0 +1,101 @@
+//! Command-line definition (clap). Core code never sees these types.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Reshard Hugging Face encoder-decoder checkpoints into vLLM tensor-parallel shards.
+#[derive(Parser, Debug)]
+#[command(name = "reshard", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show what each rank will get, without writing anything.
+    Plan(PlanArgs),
+    /// Write the per-rank shards, copied config/tokenizer files and a manifest.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SourceArgs {
+    /// Checkpoint directory (config.json + model.safetensors or an index), or one .safetensors file.
+    pub input: PathBuf,
+    /// Tensor-parallel size.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub tp: u32,
+    /// config.json to use (required when INPUT is a single file).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Mapping file to use instead of the bundled one for the config's model_type.
+    #[arg(long)]
+    pub mapping: Option<PathBuf>,
+    /// Cap on tensor data per output file, e.g. 5GiB, 500MB, 1048576.
+    #[arg(long, default_value = "5GiB", value_parser = parse_size)]
+    pub max_part_size: u64,
+    /// Print JSON on stdout instead of a human report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Output directory (must not exist or be empty, unless --force).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace a non-empty --out (only after the new output is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Parses a byte size with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size like 5GiB or 1048576"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "tib" | "t" => 1 << 40,
+        _ => return Err(format!("unknown unit in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB or TiB)")),
+    };
+    let v = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))?;
+    if v == 0 {
+        return Err("must be at least 1 byte".into());
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GiB"), Ok(5 << 30));
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+    }
+}

@@ -1,0 +1,152 @@
+//! Element types of safetensors tensors, as named in the file format.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// An element type that reshard can slice: every type whose elements are whole bytes.
+///
+/// Sub-byte types (F4, F6) are rejected when a checkpoint is read: a row of them need not start
+/// on a byte boundary, so they cannot be split by byte ranges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[allow(missing_docs, non_camel_case_types)]
+pub enum Dtype {
+    BOOL,
+    U8,
+    I8,
+    F8_E5M2,
+    F8_E4M3,
+    F8_E8M0,
+    I16,
+    U16,
+    F16,
+    BF16,
+    I32,
+    U32,
+    F32,
+    F64,
+    I64,
+    U64,
+    C64,
+}
+
+impl Dtype {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        use Dtype::*;
+        match self {
+            BOOL | U8 | I8 | F8_E5M2 | F8_E4M3 | F8_E8M0 => 1,
+            I16 | U16 | F16 | BF16 => 2,
+            I32 | U32 | F32 => 4,
+            F64 | I64 | U64 | C64 => 8,
+        }
+    }
+
+    /// The name used in safetensors headers.
+    pub fn name(self) -> &'static str {
+        use Dtype::*;
+        match self {
+            BOOL => "BOOL",
+            U8 => "U8",
+            I8 => "I8",
+            F8_E5M2 => "F8_E5M2",
+            F8_E4M3 => "F8_E4M3",
+            F8_E8M0 => "F8_E8M0",
+            I16 => "I16",
+            U16 => "U16",
+            F16 => "F16",
+            BF16 => "BF16",
+            I32 => "I32",
+            U32 => "U32",
+            F32 => "F32",
+            F64 => "F64",
+            I64 => "I64",
+            U64 => "U64",
+            C64 => "C64",
+        }
+    }
+
+    /// Whether this is a floating-point type that reshard can convert to f32 for numeric checks.
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Dtype {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        use Dtype::*;
+        Ok(match s {
+            "BOOL" => BOOL,
+            "U8" => U8,
+            "I8" => I8,
+            "F8_E5M2" => F8_E5M2,
+            "F8_E4M3" => F8_E4M3,
+            "F8_E8M0" => F8_E8M0,
+            "I16" => I16,
+            "U16" => U16,
+            "F16" => F16,
+            "BF16" => BF16,
+            "I32" => I32,
+            "U32" => U32,
+            "F32" => F32,
+            "F64" => F64,
+            "I64" => I64,
+            "U64" => U64,
+            "C64" => C64,
+            _ => return Err(()),
+        })
+    }
+}
+
+/// Converts little-endian elements of a float dtype to f32 (for numeric checks, never for output).
+///
+/// Returns `None` when `dtype` is not a float type.
+pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for d in [Dtype::BF16, Dtype::F32, Dtype::F8_E4M3, Dtype::I64, Dtype::BOOL] {
+            assert_eq!(d.name().parse::<Dtype>(), Ok(d));
+        }
+        assert!("F4".parse::<Dtype>().is_err());
+        assert!("f32".parse::<Dtype>().is_err());
+    }
+
+    #[test]
+    fn bf16_to_f32() {
+        let one = half::bf16::from_f32(1.5).to_le_bytes();
+        assert_eq!(to_f32(Dtype::BF16, &one), Some(vec![1.5]));
+        assert_eq!(to_f32(Dtype::I32, &[0; 4]), None);
+    }
+}

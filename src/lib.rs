@@ -1,0 +1,109 @@
+//! `reshard`: offline tensor-parallel resharding of Hugging Face encoder-decoder checkpoints
+//! (BART, Whisper, mllama) into the per-rank layout of vLLM's `sharded_state` loader.
+//!
+//! The pipeline is: [`checkpoint::CheckpointMeta::read`] (headers only) →
+//! [`mapping::Mapping`] (declarative rules, one JSON file per family) → [`plan::resolve`] and
+//! [`plan::Resolved::plan`] (pure: what every rank's files hold, byte range by byte range) →
+//! [`write::write_plan`] (streams the bytes from memory-mapped sources, atomically).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), reshard::Error> {
+//! use reshard::{Source, plan::DEFAULT_MAX_PART_SIZE};
+//! let src = Source::new("fixtures/bart-tiny");
+//! let (_meta, plan) = reshard::make_plan(&src, 2, DEFAULT_MAX_PART_SIZE)?;
+//! for f in &plan.files {
+//!     println!("{} holds {} tensors", f.name, f.tensors.len());
+//! }
+//! # Ok(()) }
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod checkpoint;
+pub mod dtype;
+pub mod exit_code;
+pub mod mapping;
+pub mod plan;
+pub mod text;
+pub mod write;
+
+use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
+use mapping::{Mapping, MappingError};
+use plan::{PlanError, ShardPlan};
+use std::path::{Path, PathBuf};
+use write::{WriteError, WriteOptions, WriteSummary};
+
+/// Any error of the library; [`Error::exit_code`] maps it to the documented exit code.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
+pub enum Error {
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+}
+
+impl Error {
+    /// The process exit code for this error (see [`exit_code`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Checkpoint(_) | Error::Mapping(_) | Error::Plan(_) => exit_code::BAD_INPUT,
+            Error::Write(w) if w.is_input_error() => exit_code::BAD_INPUT,
+            Error::Write(_) => exit_code::OUTPUT_FAILED,
+        }
+    }
+}
+
+/// Where a checkpoint and its mapping come from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// Checkpoint directory, or a single `.safetensors` file.
+    pub input: PathBuf,
+    /// Explicit config.json (required for a single file).
+    pub config: Option<PathBuf>,
+    /// Explicit mapping file; by default the bundled one matching `model_type`.
+    pub mapping: Option<PathBuf>,
+}
+
+impl Source {
+    /// A checkpoint directory with its own config.json and the bundled mapping.
+    pub fn new(input: impl AsRef<Path>) -> Source {
+        Source { input: input.as_ref().to_owned(), config: None, mapping: None }
+    }
+
+    /// Reads the checkpoint's headers and picks or loads the mapping.
+    pub fn load(&self) -> Result<(CheckpointMeta, Mapping), Error> {
+        let meta = CheckpointMeta::read(&self.input, self.config.as_deref())?;
+        let mapping = match &self.mapping {
+            Some(p) => Mapping::load(p)?,
+            None => Mapping::detect(&meta.config, &text::qp(&meta.config_path))?,
+        };
+        Ok((meta, mapping))
+    }
+}
+
+/// Reads the checkpoint and plans a conversion to `tp` ranks.
+pub fn make_plan(src: &Source, tp: usize, max_part_size: u64) -> Result<(CheckpointMeta, ShardPlan), Error> {
+    let (meta, mapping) = src.load()?;
+    let plan = plan::plan(&meta, &mapping, tp, max_part_size)?;
+    Ok((meta, plan))
+}
+
+/// Plans and writes a conversion. Everything that can be checked is checked before the first
+/// byte is written: the plan, `--out`, and tied copies in the source.
+pub fn convert(src: &Source, tp: usize, max_part_size: u64, opts: &WriteOptions) -> Result<(ShardPlan, WriteSummary), Error> {
+    let (meta, plan) = make_plan(src, tp, max_part_size)?;
+    let summary = execute(meta, &plan, opts)?;
+    Ok((plan, summary))
+}
+
+/// Writes a plan made by [`make_plan`] from `meta`.
+pub fn execute(meta: CheckpointMeta, plan: &ShardPlan, opts: &WriteOptions) -> Result<WriteSummary, Error> {
+    write::check_out(&meta.dir, &opts.out, opts.force)?;
+    let ckpt = Checkpoint::open(meta)?;
+    Ok(write::write_plan(&ckpt, plan, opts)?)
+}

@@ -1,0 +1,507 @@
+//! The declarative mapping format: which checkpoint tensors become which vLLM parameters, and how
+//! each is split across tensor-parallel ranks. One JSON file per model family (`mappings/*.json`,
+//! documented in `mappings/README.md`).
+//!
+//! Entry points: [`Mapping::load`] (a user's file), [`Mapping::builtin`] and [`Mapping::detect`]
+//! (the bundled files, chosen by config.json's `model_type`). Parsing is strict: an unknown key is
+//! an error naming its JSON path, and every pattern and template is checked at load time.
+
+pub mod dims;
+pub mod pattern;
+
+use crate::text::q;
+use pattern::Pattern;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The mapping format version this build reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The mapping files compiled into the binary: (file name, contents).
+pub const BUILTIN: &[(&str, &str)] = &[("bart.json", include_str!("../../mappings/bart.json"))];
+
+/// Errors loading or checking a mapping file.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
+pub enum MappingError {
+    #[error("cannot read mapping {}: {source}", crate::text::qp(path))]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("mapping {origin}: at `{at}`: {msg}")]
+    Invalid { origin: String, at: String, msg: String },
+    #[error("no bundled mapping for model_type {} (in {config})\n(hint: bundled families: {known}; or pass --mapping FILE)", q(model_type))]
+    UnknownFamily { model_type: String, config: String, known: String },
+    #[error("{config} has no string `model_type`, so the model family cannot be detected\n(hint: pass --mapping FILE)")]
+    NoModelType { config: String },
+}
+
+/// How a dimension is obtained.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DimSpec {
+    /// A dotted key path into config.json, e.g. `text_config.hidden_size`.
+    #[serde(default)]
+    pub config: Option<String>,
+    /// Value used when `config` names a key that is absent.
+    #[serde(default)]
+    pub default: Option<u64>,
+    /// An arithmetic expression over other dims and integers: `hidden / heads` (left to right,
+    /// `+ - * /`, division must be exact).
+    #[serde(default)]
+    pub expr: Option<String>,
+}
+
+/// One part of a stacked parameter (like an entry of vLLM's `stacked_params_mapping`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartSpec {
+    /// The part's shard id: `q`, `k`, `v` for attention; free-form for merged columns.
+    pub shard_id: String,
+    /// Source pattern.
+    pub source: String,
+    /// What to do when the source tensor is absent.
+    #[serde(default)]
+    pub missing: Option<Missing>,
+}
+
+/// Handling of an absent part.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Missing {
+    /// Synthesize zeros with the shape and dtype of this sibling part (by shard id).
+    pub zeros_like: String,
+}
+
+/// How a parameter is split across ranks.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SplitSpec {
+    /// Whole tensor on every rank.
+    Replicated {},
+    /// Dim 0 in tp equal blocks (weights and biases).
+    Column {},
+    /// Dim 1 in tp equal blocks; 1-D tensors (row-parallel biases) are replicated whole.
+    Row {},
+    /// Parts each column-split, then concatenated per rank.
+    MergedColumn {},
+    /// Self-attention `[q_r ; k_r ; v_r]` with GQA replication.
+    FusedQkv {
+        /// Dim name of the query head count.
+        heads: String,
+        /// Dim name of the key/value head count.
+        kv_heads: String,
+        /// Dim name of the head size; derived from the q rows when absent.
+        #[serde(default)]
+        head_dim: Option<String>,
+    },
+    /// Cross-attention `[k_r ; v_r]` with GQA replication.
+    Kv {
+        /// Dim name of the query head count (checked against tp like q_proj).
+        heads: String,
+        /// Dim name of the key/value head count.
+        kv_heads: String,
+        /// Dim name of the head size; derived from the k rows when absent.
+        #[serde(default)]
+        head_dim: Option<String>,
+    },
+    /// Embedding / LM head rows padded to a multiple of `pad_to`, then split evenly.
+    Vocab {
+        /// Row-count multiple (vLLM's default is 64).
+        #[serde(default = "default_pad")]
+        pad_to: u64,
+        /// Optional dim name the unpadded row count must equal.
+        #[serde(default)]
+        rows: Option<String>,
+    },
+}
+
+fn default_pad() -> u64 {
+    64
+}
+
+/// How a source tensor is viewed before splitting.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Reshape {
+    /// `[d0, d1, ..., dn]` viewed as `[d0, d1*...*dn]` (e.g. a conv patch embedding as a linear).
+    Flatten2d,
+}
+
+/// One rule of a mapping file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamSpec {
+    /// Target name template; defaults to the source name (only for single-source rules).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Several target names fed by the same data (tied weights); instead of `target`.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Single source pattern; instead of `parts`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Stacked sources.
+    #[serde(default)]
+    pub parts: Vec<PartSpec>,
+    /// Split rule.
+    pub split: SplitSpec,
+    /// Optional duplicate copies of the source (older files, tied weights); each, when present,
+    /// must be byte-identical to the source, and is not written.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// View applied to the source before splitting.
+    #[serde(default)]
+    pub reshape: Option<Reshape>,
+    /// Free text for humans.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// A consistency check between config.json and the tensors.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CheckSpec {
+    /// The integers listed at config key `config` must be exactly the values that variable `var`
+    /// takes in the tensor names matching `pattern`.
+    LayerSet {
+        /// Dotted config key holding a list of integers.
+        config: String,
+        /// Pattern with the variable.
+        pattern: String,
+        /// The variable name.
+        var: String,
+    },
+}
+
+/// A prefix rewrite applied to source names before matching (for checkpoints saved under
+/// different naming conventions).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixRename {
+    /// Prefix as found in some checkpoints.
+    pub from: String,
+    /// Canonical prefix the patterns use.
+    pub to: String,
+}
+
+/// The raw mapping file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingFile {
+    /// Must be [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Family name (`bart`).
+    pub family: String,
+    /// config.json `model_type` values this mapping serves.
+    pub model_types: Vec<String>,
+    /// Which vLLM source file(s) the layout follows.
+    #[serde(default)]
+    pub follows: Option<String>,
+    /// Free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Named dimensions.
+    #[serde(default)]
+    pub dims: BTreeMap<String, DimSpec>,
+    /// Source-name prefix rewrites, tried in order (first match wins).
+    #[serde(default)]
+    pub source_prefixes: Vec<PrefixRename>,
+    /// The rules.
+    pub params: Vec<ParamSpec>,
+    /// Config/tensor consistency checks.
+    #[serde(default)]
+    pub checks: Vec<CheckSpec>,
+}
+
+/// A compiled rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// Position in the file (`params[i]`).
+    pub index: usize,
+    /// Target templates (one, or several for ties).
+    pub targets: Vec<Pattern>,
+    /// Parts: `(shard_id, pattern, zeros_like)`; a single-source rule has one part with id "".
+    pub parts: Vec<(String, Pattern, Option<usize>)>,
+    /// The part whose matches enumerate the rule's instances (the first part that may not be missing).
+    pub anchor: usize,
+    /// Split rule.
+    pub split: SplitSpec,
+    /// Alias patterns.
+    pub aliases: Vec<Pattern>,
+    /// Reshape.
+    pub reshape: Option<Reshape>,
+}
+
+impl Rule {
+    /// A short label for messages: `params[3] (model.{side}.layers.{i}.fc1.{p})`.
+    pub fn label(&self) -> String {
+        format!("params[{}] ({})", self.index, self.targets[0].as_str())
+    }
+}
+
+/// A compiled check.
+#[derive(Clone, Debug)]
+pub struct Check {
+    /// Position in the file.
+    pub index: usize,
+    /// Config key.
+    pub config: String,
+    /// Pattern.
+    pub pattern: Pattern,
+    /// Variable.
+    pub var: String,
+}
+
+/// A loaded, checked mapping.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    /// Where it came from: a path, or `built-in bart.json`.
+    pub origin: String,
+    /// The raw file (kept for the manifest and `plan --json`).
+    pub file: MappingFile,
+    /// Compiled rules, in file order.
+    pub rules: Vec<Rule>,
+    /// Compiled checks.
+    pub checks: Vec<Check>,
+    /// Stable 32-bit digest (CRC-32) of the mapping text, recorded in manifests.
+    pub digest: u32,
+}
+
+impl Mapping {
+    /// Loads a mapping file from disk.
+    pub fn load(path: &Path) -> Result<Mapping, MappingError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MappingError::Io { path: path.to_owned(), source })?;
+        Mapping::parse(&text, &path.display().to_string())
+    }
+
+    /// The bundled mapping with this file name (`bart.json`).
+    pub fn builtin(name: &str) -> Option<Mapping> {
+        let (n, text) = BUILTIN.iter().find(|(n, _)| *n == name)?;
+        Some(Mapping::parse(text, &format!("built-in {n}")).expect("bundled mappings are tested"))
+    }
+
+    /// Picks the bundled mapping serving config.json's `model_type`.
+    pub fn detect(config: &serde_json::Value, config_label: &str) -> Result<Mapping, MappingError> {
+        let Some(mt) = config.get("model_type").and_then(|v| v.as_str()) else {
+            return Err(MappingError::NoModelType { config: config_label.to_string() });
+        };
+        let mut known = Vec::new();
+        for (name, _) in BUILTIN {
+            let m = Mapping::builtin(name).expect("bundled");
+            if m.file.model_types.iter().any(|t| t == mt) {
+                return Ok(m);
+            }
+            known.extend(m.file.model_types.clone());
+        }
+        Err(MappingError::UnknownFamily { model_type: mt.to_string(), config: config_label.to_string(), known: known.join(", ") })
+    }
+
+    /// Parses and checks mapping text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Mapping, MappingError> {
+        let invalid = |at: &str, msg: String| MappingError::Invalid { origin: origin.to_string(), at: at.to_string(), msg };
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let file: MappingFile = serde_path_to_error::deserialize(de).map_err(|e| {
+            let at = e.path().to_string();
+            invalid(if at.is_empty() { "." } else { &at }, e.into_inner().to_string())
+        })?;
+        if file.format_version != FORMAT_VERSION {
+            return Err(invalid(
+                "format_version",
+                format!("version {} is not supported (this build reads version {FORMAT_VERSION})", file.format_version),
+            ));
+        }
+        dims::check_specs(&file.dims).map_err(|(at, msg)| invalid(&at, msg))?;
+        let mut rules = Vec::new();
+        for (i, p) in file.params.iter().enumerate() {
+            rules.push(compile_rule(i, p, &file.dims).map_err(|(at, msg)| invalid(&format!("params[{i}]{at}"), msg))?);
+        }
+        let mut checks = Vec::new();
+        for (i, c) in file.checks.iter().enumerate() {
+            let CheckSpec::LayerSet { config, pattern, var } = c;
+            let pattern = Pattern::parse(pattern).map_err(|m| invalid(&format!("checks[{i}].pattern"), m))?;
+            if !pattern.vars().contains(var.as_str()) {
+                return Err(invalid(&format!("checks[{i}].var"), format!("pattern has no placeholder `{{{var}}}`")));
+            }
+            checks.push(Check { index: i, config: config.clone(), pattern, var: var.clone() });
+        }
+        Ok(Mapping { origin: origin.to_string(), file, rules, checks, digest: crc32fast::hash(text.as_bytes()) })
+    }
+}
+
+fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Result<Rule, (String, String)> {
+    let _ = i;
+    let err = |at: &str, msg: String| (at.to_string(), msg);
+    let parts: Vec<(String, Pattern, Option<String>)> = match (&p.source, p.parts.is_empty()) {
+        (Some(s), true) => vec![(String::new(), Pattern::parse(s).map_err(|m| err(".source", m))?, None)],
+        (None, false) => p
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(j, part)| {
+                let pat = Pattern::parse(&part.source).map_err(|m| err(&format!(".parts[{j}].source"), m))?;
+                Ok((part.shard_id.clone(), pat, part.missing.as_ref().map(|m| m.zeros_like.clone())))
+            })
+            .collect::<Result<_, (String, String)>>()?,
+        (Some(_), false) => return Err(err("", "give either `source` or `parts`, not both".into())),
+        (None, true) => return Err(err("", "needs a `source` or `parts`".into())),
+    };
+    let ids: Vec<&str> = parts.iter().map(|(s, _, _)| s.as_str()).collect();
+    let need = |want: &[&str]| -> Result<(), (String, String)> {
+        if ids != want {
+            return Err(err(".parts", format!("this split needs parts with shard ids {want:?} in that order, found {ids:?}")));
+        }
+        Ok(())
+    };
+    let check_dim = |at: &str, d: &Option<String>| -> Result<(), (String, String)> {
+        match d {
+            Some(d) if !dims.contains_key(d) => Err(err(at, format!("unknown dim `{d}` (declare it under `dims`)"))),
+            _ => Ok(()),
+        }
+    };
+    match &p.split {
+        SplitSpec::FusedQkv { heads, kv_heads, head_dim } => {
+            need(&["q", "k", "v"])?;
+            check_dim(".split.heads", &Some(heads.clone()))?;
+            check_dim(".split.kv_heads", &Some(kv_heads.clone()))?;
+            check_dim(".split.head_dim", head_dim)?;
+        }
+        SplitSpec::Kv { heads, kv_heads, head_dim } => {
+            need(&["k", "v"])?;
+            check_dim(".split.heads", &Some(heads.clone()))?;
+            check_dim(".split.kv_heads", &Some(kv_heads.clone()))?;
+            check_dim(".split.head_dim", head_dim)?;
+        }
+        SplitSpec::MergedColumn {} => {
+            if parts.len() < 2 || parts.iter().any(|(id, _, _)| id.is_empty()) {
+                return Err(err(".parts", "merged_column needs two or more parts with shard ids".into()));
+            }
+        }
+        SplitSpec::Vocab { pad_to, rows } => {
+            if *pad_to == 0 {
+                return Err(err(".split.pad_to", "must be at least 1".into()));
+            }
+            check_dim(".split.rows", rows)?;
+            if parts.len() != 1 {
+                return Err(err("", "vocab takes a single `source`".into()));
+            }
+        }
+        SplitSpec::Replicated {} | SplitSpec::Column {} | SplitSpec::Row {} => {
+            if parts.len() != 1 {
+                return Err(err("", "this split takes a single `source`; use merged_column, fused_qkv or kv to stack parts".into()));
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (id, _, _) in &parts {
+        if !seen.insert(id) {
+            return Err(err(".parts", format!("shard id `{id}` appears twice")));
+        }
+    }
+    let vars = parts[0].1.vars();
+    for (j, (_, pat, _)) in parts.iter().enumerate() {
+        if pat.vars() != vars {
+            return Err(err(&format!(".parts[{j}].source"), "every part must use the same placeholders".into()));
+        }
+    }
+    let zl: Vec<Option<usize>> = parts
+        .iter()
+        .enumerate()
+        .map(|(j, (_, _, z))| match z {
+            None => Ok(None),
+            Some(id) => match ids.iter().position(|x| x == id) {
+                Some(k) if k != j && parts[k].2.is_none() => Ok(Some(k)),
+                _ => Err(err(&format!(".parts[{j}].missing.zeros_like"), format!("`{id}` is not another part that must be present"))),
+            },
+        })
+        .collect::<Result<_, _>>()?;
+    let anchor = zl.iter().position(Option::is_none).expect("checked above: a zeros_like target is required");
+    let target_texts: Vec<String> = match (&p.target, p.targets.is_empty()) {
+        (Some(t), true) => vec![t.clone()],
+        (None, false) => p.targets.clone(),
+        (None, true) if parts.len() == 1 => vec![parts[0].1.as_str().to_string()],
+        (None, true) => return Err(err("", "stacked parameters need a `target`".into())),
+        (Some(_), false) => return Err(err("", "give either `target` or `targets`, not both".into())),
+    };
+    let mut targets = Vec::new();
+    for (j, t) in target_texts.iter().enumerate() {
+        let at = if p.targets.is_empty() { ".target".to_string() } else { format!(".targets[{j}]") };
+        let pat = Pattern::parse(t).map_err(|m| err(&at, m))?;
+        if p.target.is_some() || !p.targets.is_empty() {
+            if pat.has_alternatives() {
+                return Err(err(&at, "a target template cannot have alternatives; use `{var}`".into()));
+            }
+        }
+        if let Some(v) = pat.vars().iter().find(|v| !vars.contains(*v)) {
+            return Err(err(&at, format!("placeholder `{{{v}}}` is not bound by the source pattern")));
+        }
+        targets.push(pat);
+    }
+    let aliases = p
+        .aliases
+        .iter()
+        .enumerate()
+        .map(|(j, a)| {
+            let pat = Pattern::parse(a).map_err(|m| err(&format!(".aliases[{j}]"), m))?;
+            if pat.vars() != vars {
+                return Err(err(&format!(".aliases[{j}]"), "an alias must use the same placeholders as the source".into()));
+            }
+            Ok(pat)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Rule {
+        index: i,
+        targets,
+        parts: parts.into_iter().zip(zl).map(|((id, pat, _), z)| (id, pat, z)).collect(),
+        anchor,
+        split: p.split.clone(),
+        aliases,
+        reshape: p.reshape,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> String {
+        Mapping::parse(json, "t.json").unwrap_err().to_string()
+    }
+
+    const HEAD: &str = r#""format_version":1,"family":"t","model_types":["t"],"dims":{"h":{"config":"n"}}"#;
+
+    #[test]
+    fn bundled_mappings_load() {
+        for (name, _) in BUILTIN {
+            let m = Mapping::builtin(name).unwrap();
+            assert!(!m.rules.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_name_their_path() {
+        let e = err(&format!(r#"{{{HEAD},"params":[{{"source":"a","split":{{"kind":"column","x":1}}}}]}}"#));
+        assert!(e.contains("params[0].split"), "{e}");
+        let e = err(&format!(r#"{{{HEAD},"params":[{{"source":"a","split":{{"kind":"column"}},"bogus":1}}]}}"#));
+        assert!(e.contains("params[0]") && e.contains("bogus"), "{e}");
+        let e = err(&format!(r#"{{{HEAD},"params":[{{"source":"a","split":{{"kind":"diagonal"}}}}]}}"#));
+        assert!(e.contains("diagonal"), "{e}");
+        let e = err(r#"{"format_version":2,"family":"t","model_types":[],"params":[]}"#);
+        assert!(e.contains("version 2"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_rule() {
+        let e = err(&format!(r#"{{{HEAD},"params":[{{"source":"a.{{i}}","target":"b.{{j}}","split":{{"kind":"column"}}}}]}}"#));
+        assert!(e.contains("params[0].target") && e.contains("{j}"), "{e}");
+        let e = err(&format!(
+            r#"{{{HEAD},"params":[{{"target":"x","parts":[{{"shard_id":"q","source":"a"}},{{"shard_id":"v","source":"b"}}],"split":{{"kind":"fused_qkv","heads":"h","kv_heads":"h"}}}}]}}"#
+        ));
+        assert!(e.contains("[\"q\", \"k\", \"v\"]"), "{e}");
+        let e = err(&format!(
+            r#"{{{HEAD},"params":[{{"target":"x","parts":[{{"shard_id":"k","source":"a"}},{{"shard_id":"v","source":"b"}}],"split":{{"kind":"kv","heads":"h","kv_heads":"nope"}}}}]}}"#
+        ));
+        assert!(e.contains("unknown dim `nope`"), "{e}");
+        let e = err(&format!(r#"{{{HEAD},"params":[{{"source":"a.{{i","split":{{"kind":"row"}}}}]}}"#));
+        assert!(e.contains("params[0].source") && e.contains("unclosed"), "{e}");
+    }
+}

@@ -1,0 +1,123 @@
+//! Human and JSON reports on stdout, the progress bar on stderr.
+
+use reshard::plan::{Piece, ShardPlan};
+use reshard::text::{q, shape};
+use reshard::write::WriteSummary;
+use serde::Serialize;
+use std::io::{self, Write};
+
+/// Whether to draw a progress bar: only for a terminal, and not with `--quiet` or `--json`.
+pub fn progress_enabled(stderr_is_terminal: bool, quiet: bool, json: bool) -> bool {
+    stderr_is_terminal && !quiet && !json
+}
+
+/// Human-readable byte count.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn sources(pieces: &[Piece]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut zero_rows = 0;
+    for p in pieces {
+        match p {
+            Piece::Copy { source, dim, start, end, source_shape, .. } => {
+                let whole = source_shape.get(*dim).is_none_or(|&n| *start == 0 && *end == n);
+                if whole {
+                    out.push(q(source).to_string());
+                } else {
+                    out.push(format!("{}[{}{start}..{end}]", q(source), ":, ".repeat(*dim)));
+                }
+            }
+            Piece::Zeros { rows, reason } if reason == "padding" => zero_rows += rows[1] - rows[0],
+            Piece::Zeros { rows, reason } => out.push(format!("zeros[{}] ({reason})", rows[1] - rows[0])),
+        }
+    }
+    if zero_rows > 0 {
+        out.push(format!("+{zero_rows} zero rows"));
+    }
+    out.join(" + ")
+}
+
+/// Writes the human plan report.
+pub fn print_plan(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
+    let parts = plan.files.iter().filter(|f| f.rank == 0).count();
+    writeln!(
+        w,
+        "family {} ({}), tp {}: {} of source tensors -> {} file(s) per rank, {} in all",
+        plan.family,
+        plan.mapping,
+        plan.tp,
+        bytes(plan.source_bytes),
+        parts,
+        bytes(plan.output_bytes())
+    )?;
+    writeln!(w)?;
+    writeln!(w, "{:<40} {:>5} {:>12} {:>8}", "FILE", "RANK", "SIZE", "TENSORS")?;
+    for f in &plan.files {
+        writeln!(w, "{:<40} {:>5} {:>12} {:>8}", f.name, f.rank, bytes(f.size), f.tensors.len())?;
+    }
+    for [alias, primary] in &plan.aliases {
+        writeln!(w, "alias {} = {} (checked identical, not written)", q(alias), q(primary))?;
+    }
+    for rank in [0, plan.tp - 1].into_iter().take(if plan.tp > 1 { 2 } else { 1 }) {
+        writeln!(w)?;
+        writeln!(w, "rank {rank}:")?;
+        let tensors = plan.files.iter().filter(|f| f.rank == rank).flat_map(|f| &f.tensors);
+        let width = plan.files.iter().flat_map(|f| &f.tensors).map(|t| t.name.len()).max().unwrap_or(10).min(72);
+        writeln!(w, "  {:<width$} {:<13} {:<5} {:<14} FROM", "TENSOR", "SPLIT", "DTYPE", "SHAPE")?;
+        for t in tensors {
+            writeln!(w, "  {:<width$} {:<13} {:<5} {:<14} {}", q(&t.name).to_string(), t.split, t.dtype.name(), shape(&t.shape), sources(&t.pieces))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the human summary of a conversion.
+pub fn print_written(w: &mut impl Write, plan: &ShardPlan, s: &WriteSummary) -> io::Result<()> {
+    writeln!(w, "wrote {} ({} files, {}) for tp {}", s.out.display(), s.files.len(), bytes(s.bytes), plan.tp)?;
+    for f in &s.files {
+        writeln!(w, "  {:<40} {:>12}  crc32 {}", f.name, bytes(f.size), f.crc32)?;
+    }
+    if !s.copied.is_empty() {
+        writeln!(w, "  copied: {}", s.copied.join(", "))?;
+    }
+    writeln!(w, "  manifest: {}", reshard::write::MANIFEST_NAME)
+}
+
+/// Writes a value as JSON and a newline.
+pub fn print_json(w: &mut impl Write, v: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer_pretty(&mut *w, v)?;
+    writeln!(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_policy() {
+        assert!(progress_enabled(true, false, false));
+        assert!(!progress_enabled(false, false, false));
+        assert!(!progress_enabled(true, true, false));
+        assert!(!progress_enabled(true, false, true));
+    }
+
+    #[test]
+    fn human_bytes() {
+        assert_eq!(bytes(12), "12 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(5 << 30), "5.0 GiB");
+    }
+}

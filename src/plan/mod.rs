@@ -1,0 +1,921 @@
+//! The planner: a pure function from (checkpoint metadata, mapping, tp) to a [`ShardPlan`] that
+//! says, byte range by byte range, what every rank's files will hold. No I/O happens here.
+//!
+//! It runs in two steps. [`resolve`] binds every checkpoint tensor to exactly one mapping rule and
+//! checks shapes against config.json (independent of tp). [`Resolved::plan`] then checks that tp
+//! divides what must divide and expands every parameter into per-rank pieces. Splitting the two
+//! makes [`Resolved::valid_tps`] cheap, so a bad `--tp` is answered with the values that work.
+
+pub mod split;
+
+use crate::checkpoint::CheckpointMeta;
+use crate::dtype::Dtype;
+use crate::mapping::dims::{self, DimError, Dims};
+use crate::mapping::pattern::Bindings;
+use crate::mapping::{Mapping, Reshape, SplitSpec};
+use crate::text::{natural_cmp, q, shape as fmt_shape};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Version of the plan/manifest JSON layout.
+pub const PLAN_FORMAT_VERSION: u32 = 1;
+
+/// Default cap on one output file's tensor data: 5 GiB.
+pub const DEFAULT_MAX_PART_SIZE: u64 = 5 << 30;
+
+/// Why no plan can be made.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
+pub enum PlanError {
+    #[error("mapping {mapping}: {source}")]
+    Dim { mapping: String, source: DimError },
+    #[error("{} checkpoint tensor(s) claimed by no rule of mapping {mapping}: {}\n(hint: every tensor must be mapped; add a rule, or an alias if it duplicates another tensor)", names.len(), list(names))]
+    Unclaimed { mapping: String, names: Vec<String> },
+    #[error("tensor {} is claimed by two rules of mapping {mapping}: {a} and {b}", q(tensor))]
+    Ambiguous { mapping: String, tensor: String, a: String, b: String },
+    #[error("mapping {mapping}: rule {rule} matches no tensor of the checkpoint\n(hint: a rule that matches nothing usually means a typo or the wrong family)")]
+    DeadRule { mapping: String, rule: String },
+    #[error("tensor {} is missing: rule {rule} needs it as part `{part}` alongside {}", q(missing), q(present))]
+    MissingPart { rule: String, part: String, missing: String, present: String },
+    #[error("tensors {} and {} both map to output {}", q(a), q(b), q(target))]
+    TargetCollision { target: String, a: String, b: String },
+    #[error("tensor {}: {msg}", q(tensor))]
+    Shape { tensor: String, msg: String },
+    #[error("tensor {} has dtype {found}, but {} in the same parameter has {expected}", q(tensor), q(other))]
+    DtypeMismatch { tensor: String, found: Dtype, other: String, expected: Dtype },
+    #[error("alias {} differs from {} in {what}", q(alias), q(primary))]
+    AliasMismatch { alias: String, primary: String, what: String },
+    #[error("config.json `{key}` lists {config_layers:?}, but tensors matching {} exist for {tensor_layers:?}{detail}", q(pattern))]
+    LayerSet { key: String, pattern: String, config_layers: Vec<u64>, tensor_layers: Vec<u64>, detail: String },
+    #[error("config.json `{key}`: {msg}")]
+    Config { key: String, msg: String },
+    #[error("tp {tp} does not fit this model: {reason}\n(hint: valid tp values: {})", if valid.is_empty() { "none up to 512".to_string() } else { valid.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ") })]
+    BadTp { tp: usize, reason: String, valid: Vec<usize> },
+    #[error("--max-part-size must be at least 1 byte")]
+    ZeroPartSize,
+}
+
+fn list(names: &[String]) -> String {
+    let shown: Vec<String> = names.iter().take(12).map(|n| q(n).to_string()).collect();
+    let more = names.len().saturating_sub(12);
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// How a resolved parameter is split; numbers already bound from config.json.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum Layout {
+    Replicated,
+    Column,
+    Row,
+    MergedColumn,
+    FusedQkv { heads: usize, kv_heads: usize, head_dim: usize },
+    Kv { heads: usize, kv_heads: usize, head_dim: usize },
+    Vocab { rows: usize, pad_to: usize },
+}
+
+impl Layout {
+    /// Short name as in mapping files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Layout::Replicated => "replicated",
+            Layout::Column => "column",
+            Layout::Row => "row",
+            Layout::MergedColumn => "merged_column",
+            Layout::FusedQkv { .. } => "fused_qkv",
+            Layout::Kv { .. } => "kv",
+            Layout::Vocab { .. } => "vocab",
+        }
+    }
+}
+
+/// One input of a parameter: a checkpoint tensor, or zeros shaped like a sibling.
+#[derive(Clone, Debug)]
+pub struct Input {
+    /// Shard id (`q`, `k`, `v`, `gate`, ...; empty for single-source rules).
+    pub shard_id: String,
+    /// Checkpoint name (as in the file), or `None` for synthesized zeros.
+    pub source: Option<String>,
+    /// Shape after the rule's reshape.
+    pub shape: Vec<usize>,
+}
+
+/// A checkpoint parameter bound to its rule, ready to be expanded per rank.
+#[derive(Clone, Debug)]
+pub struct Param {
+    /// Index of the rule in the mapping.
+    pub rule: usize,
+    /// Output names (several for tied weights).
+    pub targets: Vec<String>,
+    /// Split layout.
+    pub layout: Layout,
+    /// Inputs in stacking order.
+    pub inputs: Vec<Input>,
+    /// Element type.
+    pub dtype: Dtype,
+}
+
+/// The tp-independent result of matching a checkpoint against a mapping.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// Mapping family.
+    pub family: String,
+    /// Mapping origin.
+    pub mapping: String,
+    /// Mapping digest.
+    pub mapping_crc32: u32,
+    /// Resolved dims.
+    pub dims: Dims,
+    /// Parameters, in target-name order.
+    pub params: Vec<Param>,
+    /// `(alias, primary)` source pairs that must be byte-identical.
+    pub aliases: Vec<(String, String)>,
+    /// Total bytes of source tensor data.
+    pub source_bytes: u64,
+}
+
+/// One piece of an output tensor, stacked along dim 0.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Piece {
+    /// A slice of a checkpoint tensor.
+    Copy {
+        /// Checkpoint tensor name, as in its file.
+        source: String,
+        /// The source's shape as sliced (after any reshape).
+        source_shape: Vec<usize>,
+        /// Sliced dimension of the source.
+        dim: usize,
+        /// First index along `dim`.
+        start: usize,
+        /// One past the last index along `dim`.
+        end: usize,
+        /// Rows `[first, end)` of the output tensor (dim 0) this piece fills.
+        rows: [usize; 2],
+    },
+    /// Zero padding or a synthesized zero part.
+    Zeros {
+        /// Rows `[first, end)` of the output tensor (dim 0) this piece fills.
+        rows: [usize; 2],
+        /// Why: `padding` or `synthesized k`.
+        reason: String,
+    },
+}
+
+/// One tensor of an output file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutTensor {
+    /// Target name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Split kind that produced it.
+    pub split: String,
+    /// Data bytes.
+    pub nbytes: u64,
+    /// Pieces in row order; they tile dim 0 exactly.
+    pub pieces: Vec<Piece>,
+}
+
+/// One output file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePlan {
+    /// File name, `model-rank-{rank}-part-{part}.safetensors`.
+    pub name: String,
+    /// Rank.
+    pub rank: usize,
+    /// Part.
+    pub part: usize,
+    /// Exact size of the file in bytes (header included).
+    pub size: u64,
+    /// Tensors in file order.
+    pub tensors: Vec<OutTensor>,
+}
+
+/// The plan: every output file of every rank.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPlan {
+    /// [`PLAN_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Model family (from the mapping).
+    pub family: String,
+    /// Mapping origin (path or `built-in NAME.json`).
+    pub mapping: String,
+    /// CRC-32 of the mapping text.
+    pub mapping_crc32: u32,
+    /// Tensor-parallel size.
+    pub tp: usize,
+    /// Cap on tensor data per file.
+    pub max_part_size: u64,
+    /// Total bytes of source tensor data.
+    pub source_bytes: u64,
+    /// `[alias, primary]` source tensors checked byte-identical and not written.
+    pub aliases: Vec<[String; 2]>,
+    /// Output files, rank-major then part.
+    pub files: Vec<FilePlan>,
+}
+
+impl ShardPlan {
+    /// Bytes written over all files.
+    pub fn output_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+fn canonical<'a>(mapping: &Mapping, name: &'a str) -> std::borrow::Cow<'a, str> {
+    for p in &mapping.file.source_prefixes {
+        if let Some(rest) = name.strip_prefix(p.from.as_str()) {
+            return format!("{}{rest}", p.to).into();
+        }
+    }
+    name.into()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Part(usize),
+    Alias(usize),
+}
+
+/// Binds every checkpoint tensor to a rule and checks shapes; see the module docs.
+pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, PlanError> {
+    let dims = dims::resolve(&mapping.file.dims, &meta.config)
+        .map_err(|source| PlanError::Dim { mapping: mapping.origin.clone(), source })?;
+    // canonical name -> original name
+    let mut canon: BTreeMap<String, String> = BTreeMap::new();
+    for name in meta.tensors.keys() {
+        let c = canonical(mapping, name).into_owned();
+        if let Some(prev) = canon.insert(c.clone(), name.clone()) {
+            return Err(PlanError::TargetCollision { target: c, a: prev, b: name.clone() });
+        }
+    }
+    // (rule, bindings) -> role -> original name
+    type Inst = BTreeMap<(usize, Bindings), Vec<(Role, String)>>;
+    let mut instances: Inst = BTreeMap::new();
+    let mut unclaimed = Vec::new();
+    for (cname, orig) in &canon {
+        let mut hit: Option<(usize, Role, Bindings)> = None;
+        for rule in &mapping.rules {
+            let roles = rule
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(j, p)| (Role::Part(j), &p.1))
+                .chain(rule.aliases.iter().enumerate().map(|(j, p)| (Role::Alias(j), p)));
+            for (role, pat) in roles {
+                if let Some(b) = pat.matches(cname) {
+                    if let Some((r0, _, _)) = &hit {
+                        return Err(PlanError::Ambiguous {
+                            mapping: mapping.origin.clone(),
+                            tensor: orig.clone(),
+                            a: mapping.rules[*r0].label(),
+                            b: rule.label(),
+                        });
+                    }
+                    hit = Some((rule.index, role, b));
+                }
+            }
+        }
+        match hit {
+            Some((r, role, b)) => instances.entry((r, b)).or_default().push((role, orig.clone())),
+            None => unclaimed.push(orig.clone()),
+        }
+    }
+    if !unclaimed.is_empty() {
+        unclaimed.sort_by(|a, b| natural_cmp(a, b));
+        return Err(PlanError::Unclaimed { mapping: mapping.origin.clone(), names: unclaimed });
+    }
+    for rule in &mapping.rules {
+        if !instances.keys().any(|(r, _)| *r == rule.index) {
+            return Err(PlanError::DeadRule { mapping: mapping.origin.clone(), rule: rule.label() });
+        }
+    }
+    check_layer_sets(meta, mapping, &canon)?;
+
+    let mut params = Vec::new();
+    let mut aliases = Vec::new();
+    let mut targets_seen: BTreeMap<String, String> = BTreeMap::new();
+    for ((r, binding), members) in &instances {
+        let rule = &mapping.rules[*r];
+        let find = |role: Role| members.iter().find(|(ro, _)| *ro == role).map(|(_, n)| n.clone());
+        let Some(anchor_name) = find(Role::Part(rule.anchor)) else {
+            let (_, present) = &members[0];
+            let missing = canon_to_orig(mapping, &rule.parts[rule.anchor].1.render(binding));
+            return Err(PlanError::MissingPart {
+                rule: rule.label(),
+                part: rule.parts[rule.anchor].0.clone(),
+                missing,
+                present: present.clone(),
+            });
+        };
+        let info = |n: &str| &meta.tensors[n];
+        let view = |n: &str| -> Result<Vec<usize>, PlanError> {
+            let s = &info(n).shape;
+            match rule.reshape {
+                None => Ok(s.clone()),
+                Some(Reshape::Flatten2d) if !s.is_empty() => Ok(vec![s[0], s[1..].iter().product()]),
+                Some(Reshape::Flatten2d) => Err(PlanError::Shape { tensor: n.into(), msg: "cannot flatten a 0-d tensor".into() }),
+            }
+        };
+        let dtype = info(&anchor_name).dtype;
+        let mut inputs = Vec::new();
+        for (j, (id, pat, zeros_like)) in rule.parts.iter().enumerate() {
+            match (find(Role::Part(j)), zeros_like) {
+                (Some(n), _) => {
+                    if info(&n).dtype != dtype {
+                        return Err(PlanError::DtypeMismatch {
+                            tensor: n.clone(),
+                            found: info(&n).dtype,
+                            other: anchor_name.clone(),
+                            expected: dtype,
+                        });
+                    }
+                    inputs.push(Input { shard_id: id.clone(), source: Some(n.clone()), shape: view(&n)? });
+                }
+                (None, Some(_)) => inputs.push(Input { shard_id: id.clone(), source: None, shape: vec![] }),
+                (None, None) => {
+                    return Err(PlanError::MissingPart {
+                        rule: rule.label(),
+                        part: id.clone(),
+                        missing: canon_to_orig(mapping, &pat.render(binding)),
+                        present: anchor_name.clone(),
+                    })
+                }
+            }
+        }
+        // Synthesized parts take their sibling's shape.
+        for j in 0..inputs.len() {
+            if inputs[j].source.is_none() {
+                let like = rule.parts[j].2.expect("only zeros_like parts may be absent");
+                inputs[j].shape = inputs[like].shape.clone();
+            }
+        }
+        for (k, _) in rule.aliases.iter().enumerate() {
+            if let Some(a) = find(Role::Alias(k)) {
+                let (ia, ip) = (info(&a), info(&anchor_name));
+                if ia.dtype != ip.dtype || ia.shape != ip.shape {
+                    return Err(PlanError::AliasMismatch {
+                        alias: a,
+                        primary: anchor_name.clone(),
+                        what: format!("{} {} vs {} {}", ia.dtype, fmt_shape(&ia.shape), ip.dtype, fmt_shape(&ip.shape)),
+                    });
+                }
+                aliases.push((a, anchor_name.clone()));
+            }
+        }
+        let layout = layout_of(rule.split.clone(), &dims, &inputs, &anchor_name)?;
+        let targets: Vec<String> = rule.targets.iter().map(|t| t.render(binding)).collect();
+        for t in &targets {
+            if let Some(prev) = targets_seen.insert(t.clone(), anchor_name.clone()) {
+                return Err(PlanError::TargetCollision { target: t.clone(), a: prev, b: anchor_name.clone() });
+            }
+        }
+        params.push(Param { rule: *r, targets, layout, inputs, dtype });
+    }
+    params.sort_by(|a, b| natural_cmp(&a.targets[0], &b.targets[0]));
+    Ok(Resolved {
+        family: mapping.file.family.clone(),
+        mapping: mapping.origin.clone(),
+        mapping_crc32: mapping.digest,
+        dims,
+        params,
+        aliases,
+        source_bytes: meta.total_bytes(),
+    })
+}
+
+/// Undoes the prefix rewrite for messages about tensors that do not exist (best effort: the
+/// canonical form is what the mapping names).
+fn canon_to_orig(_mapping: &Mapping, canonical: &str) -> String {
+    canonical.to_string()
+}
+
+fn check_layer_sets(meta: &CheckpointMeta, mapping: &Mapping, canon: &BTreeMap<String, String>) -> Result<(), PlanError> {
+    for c in &mapping.checks {
+        let value = dims::lookup(&meta.config, &c.config)
+            .ok_or_else(|| PlanError::Config { key: c.config.clone(), msg: "missing (the mapping checks it against the tensors)".into() })?;
+        let config_layers: Option<Vec<u64>> = value.as_array().and_then(|a| a.iter().map(|v| v.as_u64()).collect());
+        let Some(mut config_layers) = config_layers else {
+            return Err(PlanError::Config { key: c.config.clone(), msg: format!("expected a list of integers, found {value}") });
+        };
+        config_layers.sort_unstable();
+        config_layers.dedup();
+        let mut tensor_layers: Vec<u64> = canon
+            .keys()
+            .filter_map(|n| c.pattern.matches(n))
+            .filter_map(|b| b.get(&c.var).and_then(|v| v.parse().ok()))
+            .collect();
+        tensor_layers.sort_unstable();
+        tensor_layers.dedup();
+        if config_layers != tensor_layers {
+            let only_cfg: Vec<u64> = config_layers.iter().filter(|l| !tensor_layers.contains(l)).copied().collect();
+            let only_t: Vec<u64> = tensor_layers.iter().filter(|l| !config_layers.contains(l)).copied().collect();
+            let mut detail = String::new();
+            if !only_cfg.is_empty() {
+                detail += &format!("; layer(s) {only_cfg:?} are listed but have no such tensors");
+            }
+            if !only_t.is_empty() {
+                detail += &format!("; layer(s) {only_t:?} have such tensors but are not listed");
+            }
+            return Err(PlanError::LayerSet {
+                key: c.config.clone(),
+                pattern: c.pattern.as_str().to_string(),
+                config_layers,
+                tensor_layers,
+                detail,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn dim(dims: &Dims, name: &str) -> usize {
+    dims.get(name).map(|&v| v as usize).unwrap_or(0)
+}
+
+fn layout_of(split: SplitSpec, dims: &Dims, inputs: &[Input], anchor: &str) -> Result<Layout, PlanError> {
+    let shape_err = |tensor: &str, msg: String| PlanError::Shape { tensor: tensor.to_string(), msg };
+    let name_of = |i: &Input| i.source.clone().unwrap_or_else(|| anchor.to_string());
+    let rows = |i: &Input| i.shape.first().copied();
+    // All stacked inputs must agree beyond dim 0 and have at least one dim.
+    for i in inputs {
+        if i.shape.is_empty() && !matches!(split, SplitSpec::Replicated {} | SplitSpec::Row {}) {
+            return Err(shape_err(&name_of(i), format!("a 0-d tensor cannot be split as {split:?}")));
+        }
+        if i.shape.get(1..) != inputs[0].shape.get(1..) {
+            return Err(shape_err(
+                &name_of(i),
+                format!("shape {} does not stack with {} of {}", fmt_shape(&i.shape), fmt_shape(&inputs[0].shape), q(&name_of(&inputs[0]))),
+            ));
+        }
+    }
+    let heads_check = |heads_dim: &str, kv_dim: &str, hd_dim: &Option<String>, q_in: Option<&Input>, kv_in: &[&Input]| {
+        let (heads, kv) = (dim(dims, heads_dim), dim(dims, kv_dim));
+        if heads == 0 || kv == 0 {
+            return Err(shape_err(anchor, format!("dim `{heads_dim}` = {heads}, `{kv_dim}` = {kv}: head counts must be positive")));
+        }
+        if heads % kv != 0 {
+            return Err(shape_err(anchor, format!("{heads} heads (`{heads_dim}`) are not a multiple of {kv} kv heads (`{kv_dim}`)")));
+        }
+        let (basis, basis_heads, basis_dim) = match q_in {
+            Some(qi) => (qi, heads, heads_dim),
+            None => (kv_in[0], kv, kv_dim),
+        };
+        let hd = match hd_dim {
+            Some(d) => dim(dims, d),
+            None => {
+                let r = rows(basis).unwrap_or(0);
+                if r % basis_heads != 0 || r == 0 {
+                    return Err(shape_err(
+                        &name_of(basis),
+                        format!("{r} rows do not split into {basis_heads} heads (`{basis_dim}` in config.json)"),
+                    ));
+                }
+                r / basis_heads
+            }
+        };
+        let mut want = vec![];
+        if let Some(qi) = q_in {
+            want.push((qi, heads, heads_dim));
+        }
+        for k in kv_in {
+            want.push((k, kv, kv_dim));
+        }
+        for (i, n, dname) in want {
+            if rows(i) != Some(n * hd) {
+                return Err(shape_err(
+                    &name_of(i),
+                    format!(
+                        "has {} rows, but config.json gives {n} heads (`{dname}`) x head_dim {hd} = {} rows",
+                        rows(i).unwrap_or(0),
+                        n * hd
+                    ),
+                ));
+            }
+        }
+        Ok((heads, kv, hd))
+    };
+    Ok(match split {
+        SplitSpec::Replicated {} => Layout::Replicated,
+        SplitSpec::Column {} => Layout::Column,
+        SplitSpec::Row {} => Layout::Row,
+        SplitSpec::MergedColumn {} => Layout::MergedColumn,
+        SplitSpec::FusedQkv { heads, kv_heads, head_dim } => {
+            let (h, k, d) = heads_check(&heads, &kv_heads, &head_dim, Some(&inputs[0]), &[&inputs[1], &inputs[2]])?;
+            Layout::FusedQkv { heads: h, kv_heads: k, head_dim: d }
+        }
+        SplitSpec::Kv { heads, kv_heads, head_dim } => {
+            let (h, k, d) = heads_check(&heads, &kv_heads, &head_dim, None, &[&inputs[0], &inputs[1]])?;
+            Layout::Kv { heads: h, kv_heads: k, head_dim: d }
+        }
+        SplitSpec::Vocab { pad_to, rows: want } => {
+            let r = rows(&inputs[0]).unwrap_or(0);
+            if let Some(w) = want {
+                if r != dim(dims, &w) {
+                    return Err(shape_err(anchor, format!("has {r} rows, but dim `{w}` from config.json is {}", dim(dims, &w))));
+                }
+            }
+            Layout::Vocab { rows: r, pad_to: pad_to as usize }
+        }
+    })
+}
+
+impl Resolved {
+    /// Checks that `tp` divides everything that must divide; the error names the first offender.
+    pub fn check_tp(&self, tp: usize) -> Result<(), String> {
+        if tp == 0 {
+            return Err("tp must be at least 1".into());
+        }
+        for p in &self.params {
+            let t = q(&p.targets[0]);
+            let div = |n: usize, what: &str| {
+                if n % tp == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{t} ({}): {what} {n} is not divisible by {tp}", p.layout.name()))
+                }
+            };
+            match &p.layout {
+                Layout::Replicated => {}
+                Layout::Column => div(p.inputs[0].shape[0], "dim 0 of size")?,
+                Layout::Row => {
+                    if p.inputs[0].shape.len() >= 2 {
+                        div(p.inputs[0].shape[1], "dim 1 of size")?
+                    }
+                }
+                Layout::MergedColumn => {
+                    for i in &p.inputs {
+                        div(i.shape[0], &format!("part `{}` dim 0 of size", i.shard_id))?;
+                    }
+                }
+                Layout::FusedQkv { heads, kv_heads, .. } | Layout::Kv { heads, kv_heads, .. } => {
+                    div(*heads, "head count")?;
+                    if !split::kv_heads_fit(*kv_heads, tp) {
+                        return Err(format!(
+                            "{t} ({}): {kv_heads} kv heads can be neither split evenly over {tp} ranks nor replicated evenly across them",
+                            p.layout.name()
+                        ));
+                    }
+                }
+                Layout::Vocab { rows, pad_to } => {
+                    div(split::padded_rows(*rows, *pad_to), &format!("{rows} rows padded to a multiple of {pad_to} give"))?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every tp from 1 to `max` that [`Resolved::check_tp`] accepts.
+    pub fn valid_tps(&self, max: usize) -> Vec<usize> {
+        (1..=max).filter(|&tp| self.check_tp(tp).is_ok()).collect()
+    }
+
+    /// Expands every parameter for every rank and assigns tensors to parts.
+    pub fn plan(&self, tp: usize, max_part_size: u64) -> Result<ShardPlan, PlanError> {
+        if max_part_size == 0 {
+            return Err(PlanError::ZeroPartSize);
+        }
+        if let Err(reason) = self.check_tp(tp) {
+            return Err(PlanError::BadTp { tp, reason, valid: self.valid_tps(512) });
+        }
+        let mut files = Vec::new();
+        for rank in 0..tp {
+            let mut tensors: Vec<OutTensor> = Vec::new();
+            for p in &self.params {
+                let (shape, pieces) = expand(p, tp, rank);
+                let nbytes = shape.iter().product::<usize>() as u64 * p.dtype.size() as u64;
+                for name in &p.targets {
+                    tensors.push(OutTensor {
+                        name: name.clone(),
+                        dtype: p.dtype,
+                        shape: shape.clone(),
+                        split: p.layout.name().to_string(),
+                        nbytes,
+                        pieces: pieces.clone(),
+                    });
+                }
+            }
+            tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+            let mut part: Vec<OutTensor> = Vec::new();
+            let mut bytes = 0u64;
+            for t in tensors {
+                if !part.is_empty() && bytes + t.nbytes > max_part_size {
+                    files.push(file_plan(rank, files_of_rank(&files, rank), std::mem::take(&mut part)));
+                    bytes = 0;
+                }
+                bytes += t.nbytes;
+                part.push(t);
+            }
+            if !part.is_empty() {
+                files.push(file_plan(rank, files_of_rank(&files, rank), part));
+            }
+        }
+        Ok(ShardPlan {
+            format_version: PLAN_FORMAT_VERSION,
+            family: self.family.clone(),
+            mapping: self.mapping.clone(),
+            mapping_crc32: self.mapping_crc32,
+            tp,
+            max_part_size,
+            source_bytes: self.source_bytes,
+            aliases: self.aliases.iter().map(|(a, p)| [a.clone(), p.clone()]).collect(),
+            files,
+        })
+    }
+}
+
+fn files_of_rank(files: &[FilePlan], rank: usize) -> usize {
+    files.iter().filter(|f| f.rank == rank).count()
+}
+
+fn file_plan(rank: usize, part: usize, tensors: Vec<OutTensor>) -> FilePlan {
+    let header = crate::write::header_bytes(&tensors);
+    let size = header.len() as u64 + tensors.iter().map(|t| t.nbytes).sum::<u64>();
+    FilePlan { name: format!("model-rank-{rank}-part-{part}.safetensors"), rank, part, size, tensors }
+}
+
+/// The pieces of parameter `p` on `rank`, and the resulting shape.
+fn expand(p: &Param, tp: usize, rank: usize) -> (Vec<usize>, Vec<Piece>) {
+    let mut pieces = Vec::new();
+    let mut row = 0usize;
+    let mut push = |input: &Input, dim: usize, start: usize, end: usize, pieces: &mut Vec<Piece>| {
+        let rows_here = if dim == 0 { end - start } else { input.shape.first().copied().unwrap_or(1) };
+        let rows = [row, row + rows_here];
+        row += rows_here;
+        pieces.push(match &input.source {
+            Some(s) => Piece::Copy { source: s.clone(), source_shape: input.shape.clone(), dim, start, end, rows },
+            None => Piece::Zeros { rows, reason: format!("synthesized {}", input.shard_id) },
+        });
+    };
+    let first = &p.inputs[0];
+    let whole = |i: &Input| i.shape.first().copied().unwrap_or(1);
+    match &p.layout {
+        Layout::Replicated => push(first, 0, 0, whole(first), &mut pieces),
+        Layout::Row if first.shape.len() < 2 => push(first, 0, 0, whole(first), &mut pieces),
+        Layout::Row => {
+            let n = first.shape[1] / tp;
+            push(first, 1, rank * n, (rank + 1) * n, &mut pieces)
+        }
+        Layout::Column | Layout::MergedColumn => {
+            for i in &p.inputs {
+                let n = i.shape[0] / tp;
+                push(i, 0, rank * n, (rank + 1) * n, &mut pieces)
+            }
+        }
+        Layout::FusedQkv { heads, kv_heads, head_dim } | Layout::Kv { heads, kv_heads, head_dim } => {
+            let (kv_first, kv_n) = split::kv_heads_of_rank(*kv_heads, tp, rank);
+            for i in &p.inputs {
+                if i.shard_id == "q" {
+                    let per = heads / tp * head_dim;
+                    push(i, 0, rank * per, (rank + 1) * per, &mut pieces);
+                } else {
+                    push(i, 0, kv_first * head_dim, (kv_first + kv_n) * head_dim, &mut pieces);
+                }
+            }
+        }
+        Layout::Vocab { rows, pad_to } => {
+            let (start, real, zeros) = split::vocab_rows_of_rank(*rows, *pad_to, tp, rank);
+            if real > 0 {
+                push(first, 0, start, start + real, &mut pieces);
+            }
+            if zeros > 0 {
+                let r = [row, row + zeros];
+                row += zeros;
+                pieces.push(Piece::Zeros { rows: r, reason: "padding".into() });
+            }
+        }
+    }
+    let mut shape = first.shape.clone();
+    if shape.is_empty() {
+        return (shape, pieces);
+    }
+    shape[0] = row;
+    if let (Layout::Row, true) = (&p.layout, first.shape.len() >= 2) {
+        shape[1] /= tp;
+    }
+    (shape, pieces)
+}
+
+/// Convenience: resolve and plan in one call.
+pub fn plan(meta: &CheckpointMeta, mapping: &Mapping, tp: usize, max_part_size: u64) -> Result<ShardPlan, PlanError> {
+    resolve(meta, mapping)?.plan(tp, max_part_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{CheckpointMeta, SourceFile, TensorInfo};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// Metadata for tensors laid out back to back in one imaginary F32 file.
+    pub(crate) fn meta(config: serde_json::Value, tensors: &[(&str, &[usize])]) -> CheckpointMeta {
+        let mut map = BTreeMap::new();
+        let mut off = 0u64;
+        for (name, shape) in tensors {
+            let n = shape.iter().product::<usize>() as u64 * 4;
+            map.insert(name.to_string(), TensorInfo { dtype: Dtype::F32, shape: shape.to_vec(), file: 0, start: off, end: off + n });
+            off += n;
+        }
+        CheckpointMeta {
+            dir: "/nonexistent".into(),
+            config,
+            config_path: "/nonexistent/config.json".into(),
+            files: vec![SourceFile { name: "model.safetensors".into(), path: "/nonexistent/model.safetensors".into(), size: off }],
+            tensors: map,
+            extra_files: vec![],
+        }
+    }
+
+    fn gqa_mapping() -> Mapping {
+        Mapping::parse(
+            r#"{"format_version":1,"family":"t","model_types":["t"],
+            "dims":{"heads":{"config":"heads"},"kv":{"config":"kv"}},
+            "params":[
+              {"target":"l.{i}.qkv.weight","parts":[
+                 {"shard_id":"q","source":"l.{i}.q.weight"},{"shard_id":"k","source":"l.{i}.k.weight"},{"shard_id":"v","source":"l.{i}.v.weight"}],
+               "split":{"kind":"fused_qkv","heads":"heads","kv_heads":"kv"}},
+              {"source":"l.{i}.o.weight","split":{"kind":"row"}},
+              {"source":"emb","split":{"kind":"vocab","pad_to":64}}
+            ]}"#,
+            "gqa.json",
+        )
+        .unwrap()
+    }
+
+    fn gqa_meta(heads: usize, kv: usize, hd: usize) -> CheckpointMeta {
+        let d = heads * hd;
+        meta(
+            json!({"heads": heads, "kv": kv}),
+            &[
+                ("l.0.q.weight", &[d, d]),
+                ("l.0.k.weight", &[kv * hd, d]),
+                ("l.0.v.weight", &[kv * hd, d]),
+                ("l.0.o.weight", &[d, d]),
+                ("emb", &[150, d]),
+            ],
+        )
+    }
+
+    fn pieces_of<'a>(plan: &'a ShardPlan, rank: usize, name: &str) -> &'a OutTensor {
+        plan.files.iter().filter(|f| f.rank == rank).flat_map(|f| &f.tensors).find(|t| t.name == name).unwrap()
+    }
+
+    #[test]
+    fn gqa_replicates_kv_heads_when_tp_exceeds_them() {
+        // 8 q heads, 2 kv heads, head_dim 4, tp 8: ranks 0-3 hold kv head 0, ranks 4-7 kv head 1.
+        let plan = plan(&gqa_meta(8, 2, 4), &gqa_mapping(), 8, DEFAULT_MAX_PART_SIZE).unwrap();
+        for rank in 0..8 {
+            let t = pieces_of(&plan, rank, "l.0.qkv.weight");
+            assert_eq!(t.shape, vec![4 + 4 + 4, 32]);
+            let kv_head = rank / 4;
+            let want = [
+                ("l.0.q.weight", rank * 4, rank * 4 + 4, [0, 4]),
+                ("l.0.k.weight", kv_head * 4, kv_head * 4 + 4, [4, 8]),
+                ("l.0.v.weight", kv_head * 4, kv_head * 4 + 4, [8, 12]),
+            ];
+            for (p, (src, s, e, rows)) in t.pieces.iter().zip(want) {
+                assert_eq!(
+                    p,
+                    &Piece::Copy { source: src.into(), source_shape: plan_shape(src), dim: 0, start: s, end: e, rows },
+                    "rank {rank}"
+                );
+            }
+        }
+        fn plan_shape(src: &str) -> Vec<usize> {
+            if src.contains(".q.") {
+                vec![32, 32]
+            } else {
+                vec![8, 32]
+            }
+        }
+    }
+
+    #[test]
+    fn gqa_splits_kv_heads_when_tp_is_smaller() {
+        let plan = plan(&gqa_meta(8, 4, 2), &gqa_mapping(), 2, DEFAULT_MAX_PART_SIZE).unwrap();
+        let t = pieces_of(&plan, 1, "l.0.qkv.weight");
+        assert_eq!(t.shape, vec![8 + 4 + 4, 16]);
+        assert!(matches!(&t.pieces[1], Piece::Copy { start: 4, end: 8, .. }));
+        let o = pieces_of(&plan, 1, "l.0.o.weight");
+        assert_eq!(o.shape, vec![16, 8]);
+        assert!(matches!(&o.pieces[0], Piece::Copy { dim: 1, start: 8, end: 16, .. }));
+    }
+
+    #[test]
+    fn bad_tp_lists_valid_values() {
+        let r = resolve(&gqa_meta(12, 3, 8), &gqa_mapping()).unwrap();
+        assert_eq!(r.valid_tps(16), vec![1, 3, 6, 12]);
+        let err = r.plan(5, DEFAULT_MAX_PART_SIZE).unwrap_err().to_string();
+        assert!(err.contains("tp 5 does not fit") && err.contains("head count 12 is not divisible by 5"), "{err}");
+        assert!(err.contains("valid tp values: 1, 3, 6, 12"), "{err}");
+        let err = r.plan(4, DEFAULT_MAX_PART_SIZE).unwrap_err().to_string();
+        assert!(err.contains("3 kv heads can be neither split evenly over 4 ranks"), "{err}");
+    }
+
+    #[test]
+    fn head_count_disagreeing_with_shape_names_both() {
+        let mut m = gqa_meta(8, 2, 4);
+        m.config = json!({"heads": 8, "kv": 4});
+        let err = resolve(&m, &gqa_mapping()).unwrap_err().to_string();
+        assert!(err.contains("`l.0.k.weight`: has 8 rows") && err.contains("4 heads (`kv`)"), "{err}");
+    }
+
+    #[test]
+    fn unclaimed_and_dead_rules_are_errors() {
+        let mut m = gqa_meta(8, 2, 4);
+        m.tensors.insert("stray.weight".into(), m.tensors["emb"].clone());
+        let err = resolve(&m, &gqa_mapping()).unwrap_err().to_string();
+        assert!(err.contains("1 checkpoint tensor(s) claimed by no rule") && err.contains("`stray.weight`"), "{err}");
+        let mut m = gqa_meta(8, 2, 4);
+        m.tensors.remove("emb");
+        let err = resolve(&m, &gqa_mapping()).unwrap_err().to_string();
+        assert!(err.contains("params[2] (emb) matches no tensor"), "{err}");
+        let mut m = gqa_meta(8, 2, 4);
+        m.tensors.remove("l.0.v.weight");
+        let err = resolve(&m, &gqa_mapping()).unwrap_err().to_string();
+        assert!(err.contains("`l.0.v.weight` is missing"), "{err}");
+    }
+
+    #[test]
+    fn parts_respect_the_size_cap_and_are_never_empty() {
+        let m = gqa_meta(8, 2, 4);
+        let plan = plan(&m, &gqa_mapping(), 2, 1).unwrap();
+        // A cap below every tensor's size puts each tensor in its own part.
+        assert_eq!(plan.files.len(), 2 * 3);
+        assert!(plan.files.iter().all(|f| f.tensors.len() == 1));
+        let one = plan_default(&m, 2);
+        assert_eq!(one.files.len(), 2);
+    }
+
+    fn plan_default(m: &CheckpointMeta, tp: usize) -> ShardPlan {
+        plan(m, &gqa_mapping(), tp, DEFAULT_MAX_PART_SIZE).unwrap()
+    }
+
+    #[test]
+    fn layer_set_check_names_config_and_tensors() {
+        let mapping = Mapping::parse(
+            r#"{"format_version":1,"family":"t","model_types":["t"],
+            "params":[{"source":"l.{i}.{k:x|y}.w","split":{"kind":"replicated"}}],
+            "checks":[{"kind":"layer_set","config":"cross","pattern":"l.{i}.x.w","var":"i"}]}"#,
+            "t.json",
+        )
+        .unwrap();
+        let m = meta(json!({"cross": [1, 3]}), &[("l.0.y.w", &[1]), ("l.1.x.w", &[1]), ("l.2.x.w", &[1])]);
+        let err = resolve(&m, &mapping).unwrap_err().to_string();
+        assert!(err.contains("`cross` lists [1, 3]") && err.contains("[3] are listed but have no such tensors"), "{err}");
+        assert!(err.contains("[2] have such tensors but are not listed"), "{err}");
+    }
+
+    proptest! {
+        /// Shards put back together give the source: every source row of a split tensor lands on
+        /// exactly one rank (replicas aside), sizes add up, and the plan is deterministic.
+        #[test]
+        fn shards_tile_the_source(kv in 1usize..5, group in 1usize..4, hd in 1usize..5, tp_pow in 0u32..4, vocab in 1usize..300) {
+            let heads = kv * group;
+            let tp = 1usize << tp_pow;
+            let mut m = gqa_meta(heads, kv, hd);
+            let d = heads * hd;
+            m.tensors.get_mut("emb").unwrap().shape = vec![vocab, d];
+            let r = resolve(&m, &gqa_mapping()).unwrap();
+            let Ok(plan) = r.plan(tp, DEFAULT_MAX_PART_SIZE) else {
+                prop_assert!(r.check_tp(tp).is_err());
+                return Ok(());
+            };
+            prop_assert_eq!(&plan, &r.plan(tp, DEFAULT_MAX_PART_SIZE).unwrap());
+            // Count how often each source row (dim 0) or column (dim 1) is copied.
+            let mut hits: BTreeMap<(String, usize), usize> = BTreeMap::new();
+            let mut zero_rows = 0;
+            for t in plan.files.iter().flat_map(|f| &f.tensors) {
+                let mut row = 0;
+                for p in &t.pieces {
+                    match p {
+                        Piece::Copy { source, start, end, rows, .. } => {
+                            prop_assert_eq!(rows[0], row);
+                            row = rows[1];
+                            for i in *start..*end { *hits.entry((source.clone(), i)).or_default() += 1; }
+                        }
+                        Piece::Zeros { rows, .. } => { prop_assert_eq!(rows[0], row); row = rows[1]; zero_rows += rows[1] - rows[0]; }
+                    }
+                }
+                prop_assert_eq!(row, t.shape[0]);
+            }
+            let kv_copies = if tp >= kv { tp / kv } else { 1 };
+            for (name, info) in &m.tensors {
+                let n = if name.contains(".o.") { info.shape[1] } else { info.shape[0] };
+                let want = if name.contains(".k.") || name.contains(".v.") { kv_copies } else { 1 };
+                for i in 0..n {
+                    prop_assert_eq!(hits.get(&(name.clone(), i)).copied().unwrap_or(0), want, "{} index {}", name, i);
+                }
+            }
+            prop_assert_eq!(zero_rows, split::padded_rows(vocab, 64) - vocab);
+        }
+    }
+}

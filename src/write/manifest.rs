@@ -1,0 +1,94 @@
+//! The manifest written beside the shards (`reshard-manifest.json`): where every output byte came
+//! from. Documented in README.md ("Output layout"); `verify` reads it back.
+
+use crate::checkpoint::CheckpointMeta;
+use crate::plan::{OutTensor, ShardPlan, PLAN_FORMAT_VERSION};
+use serde::{Deserialize, Serialize};
+
+/// One written file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// File name.
+    pub name: String,
+    /// Rank.
+    pub rank: usize,
+    /// Part.
+    pub part: usize,
+    /// Size in bytes.
+    pub size: u64,
+    /// CRC-32 (IEEE, as zlib computes it) of the whole file, 8 lowercase hex digits.
+    pub crc32: String,
+}
+
+/// A source file of the checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceEntry {
+    /// Name relative to the checkpoint directory.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A file of the output with its tensors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestFile {
+    /// Checksum entry.
+    #[serde(flatten)]
+    pub entry: FileEntry,
+    /// Tensors with their sources and slices.
+    pub tensors: Vec<OutTensor>,
+}
+
+/// The manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`PLAN_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// `reshard`.
+    pub tool: String,
+    /// The tool version that wrote it.
+    pub tool_version: String,
+    /// Model family.
+    pub family: String,
+    /// Mapping origin.
+    pub mapping: String,
+    /// Mapping CRC-32.
+    pub mapping_crc32: u32,
+    /// Tensor-parallel size.
+    pub tp: usize,
+    /// Cap on tensor data per file.
+    pub max_part_size: u64,
+    /// The checkpoint's weight files.
+    pub source_files: Vec<SourceEntry>,
+    /// Non-weight files copied from the checkpoint.
+    pub copied_files: Vec<String>,
+    /// `[alias, primary]` pairs checked identical and not written.
+    pub aliases: Vec<[String; 2]>,
+    /// Output files.
+    pub files: Vec<ManifestFile>,
+}
+
+impl Manifest {
+    /// Builds the manifest of a finished write.
+    pub fn new(meta: &CheckpointMeta, plan: &ShardPlan, files: &[FileEntry], copied: &[String]) -> Manifest {
+        Manifest {
+            format_version: PLAN_FORMAT_VERSION,
+            tool: "reshard".into(),
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            family: plan.family.clone(),
+            mapping: plan.mapping.clone(),
+            mapping_crc32: plan.mapping_crc32,
+            tp: plan.tp,
+            max_part_size: plan.max_part_size,
+            source_files: meta.files.iter().map(|f| SourceEntry { name: f.name.clone(), size: f.size }).collect(),
+            copied_files: copied.to_vec(),
+            aliases: plan.aliases.clone(),
+            files: plan
+                .files
+                .iter()
+                .zip(files)
+                .map(|(p, e)| ManifestFile { entry: e.clone(), tensors: p.tensors.clone() })
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Carrying out a [`ShardPlan`]: one safetensors file per (rank, part), written in parallel with
+//! rayon into a staging directory beside `--out`, then renamed into place only when complete.
+//!
+//! Entry point: [`write_plan`]. The safetensors header is written by [`header_bytes`] (plain JSON,
+//! as the format allows) and the data is streamed piece by piece from the memory-mapped sources,
+//! so memory use does not grow with the model. Every file gets a CRC-32 in the manifest.
+
+pub mod manifest;
+
+use crate::checkpoint::Checkpoint;
+use crate::plan::{split::byte_runs, FilePlan, OutTensor, Piece, ShardPlan};
+use crate::text::{q, qp};
+use rayon::prelude::*;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// Name of the manifest written beside the shards.
+pub const MANIFEST_NAME: &str = "reshard-manifest.json";
+
+/// Marker in the names of staging directories (`.NAME.reshard-tmp-PID`).
+pub const TMP_MARKER: &str = ".reshard-tmp-";
+
+/// Errors while writing the output.
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
+pub enum WriteError {
+    #[error("output {} already exists and is not empty\n(hint: pass --force to replace it, or choose another --out)", qp(path))]
+    OutExists { path: PathBuf },
+    #[error("output {} exists and is not a directory", qp(path))]
+    OutNotDir { path: PathBuf },
+    #[error("output {} is inside the input checkpoint {}; refusing to write into the input", qp(out), qp(input))]
+    OutInsideInput { out: PathBuf, input: PathBuf },
+    #[error("output {} contains the input checkpoint {}; --force would delete the input", qp(out), qp(input))]
+    InputInsideOut { out: PathBuf, input: PathBuf },
+    #[error("{}: {source}", qp(path))]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("tensor {} is an alias of {} but differs from it at byte {offset}\n(hint: the checkpoint's tied copies disagree; fix the checkpoint or map them as separate tensors)", q(alias), q(primary))]
+    AliasDiffers { alias: String, primary: String, offset: usize },
+    #[error("internal: piece of {} reads outside source {}", q(tensor), q(from))]
+    Internal { tensor: String, from: String },
+}
+
+impl WriteError {
+    /// Whether the error is about the input rather than the output environment.
+    pub fn is_input_error(&self) -> bool {
+        matches!(self, WriteError::AliasDiffers { .. })
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WriteError + '_ {
+    move |source| WriteError::Io { path: path.to_owned(), source }
+}
+
+/// The safetensors header region (8-byte length, JSON, space padding to a multiple of 8) for
+/// tensors laid out back to back in the given order.
+pub fn header_bytes(tensors: &[OutTensor]) -> Vec<u8> {
+    let mut json = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut off = 0u64;
+    for t in tensors {
+        let name = serde_json::to_string(&t.name).expect("strings serialize");
+        let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
+        json += &format!(
+            ",{name}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{off},{}]}}",
+            t.dtype.name(),
+            shape.join(","),
+            off + t.nbytes
+        );
+        off += t.nbytes;
+    }
+    json.push('}');
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len());
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out
+}
+
+/// Options of [`write_plan`].
+pub struct WriteOptions<'a> {
+    /// Final output directory.
+    pub out: PathBuf,
+    /// Replace a non-empty `out`.
+    pub force: bool,
+    /// Called with byte counts as data is written (from several threads).
+    pub progress: &'a (dyn Fn(u64) + Sync),
+}
+
+/// What was written.
+#[derive(Debug, serde::Serialize)]
+pub struct WriteSummary {
+    /// The output directory.
+    pub out: PathBuf,
+    /// Files written, with checksums.
+    pub files: Vec<manifest::FileEntry>,
+    /// Non-weight files copied.
+    pub copied: Vec<String>,
+    /// Total bytes written (shards only).
+    pub bytes: u64,
+}
+
+/// Checks that `out` may be written for input `input` (before any work).
+pub fn check_out(input: &Path, out: &Path, force: bool) -> Result<(), WriteError> {
+    let abs_in = fs::canonicalize(input).map_err(io(input))?;
+    let abs_in_dir = if abs_in.is_dir() { abs_in.clone() } else { abs_in.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let abs_out = absolute_nonexistent(out)?;
+    if abs_out.starts_with(&abs_in_dir) {
+        return Err(WriteError::OutInsideInput { out: out.to_owned(), input: input.to_owned() });
+    }
+    if abs_in_dir.starts_with(&abs_out) {
+        return Err(WriteError::InputInsideOut { out: out.to_owned(), input: input.to_owned() });
+    }
+    match fs::symlink_metadata(out) {
+        Ok(m) if !m.is_dir() => Err(WriteError::OutNotDir { path: out.to_owned() }),
+        Ok(_) => {
+            let non_empty = fs::read_dir(out).map_err(io(out))?.next().is_some();
+            if non_empty && !force {
+                Err(WriteError::OutExists { path: out.to_owned() })
+            } else {
+                Ok(())
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(out)(e)),
+    }
+}
+
+/// Absolute, symlink-resolved form of a path whose last components may not exist yet.
+fn absolute_nonexistent(p: &Path) -> Result<PathBuf, WriteError> {
+    let abs = std::path::absolute(p).map_err(io(p))?;
+    let mut existing = abs.as_path();
+    let mut tail = Vec::new();
+    loop {
+        if let Ok(c) = fs::canonicalize(existing) {
+            let mut r = c;
+            for t in tail.iter().rev() {
+                r.push(t);
+            }
+            return Ok(r);
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                tail.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return Ok(abs),
+        }
+    }
+}
+
+/// The staging directory used for `out`.
+pub fn staging_dir(out: &Path) -> Result<PathBuf, WriteError> {
+    let abs = std::path::absolute(out).map_err(io(out))?;
+    let name = abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    let parent = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok(parent.join(format!(".{name}{TMP_MARKER}{}", std::process::id())))
+}
+
+/// Checks that every alias is byte-identical to its primary.
+pub fn check_aliases(ckpt: &Checkpoint, plan: &ShardPlan) -> Result<(), WriteError> {
+    for [alias, primary] in &plan.aliases {
+        let (a, p) = (ckpt.tensor_bytes(alias).unwrap_or(&[]), ckpt.tensor_bytes(primary).unwrap_or(&[]));
+        if let Some(offset) = a.iter().zip(p).position(|(x, y)| x != y).or((a.len() != p.len()).then_some(0)) {
+            return Err(WriteError::AliasDiffers { alias: alias.clone(), primary: primary.clone(), offset });
+        }
+    }
+    Ok(())
+}
+
+/// Writes every file of `plan`, the copied non-weight files and the manifest into a staging
+/// directory, then renames it to `opts.out`. On error the staging directory is removed.
+pub fn write_plan(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<WriteSummary, WriteError> {
+    check_out(&ckpt.meta.dir, &opts.out, opts.force)?;
+    check_aliases(ckpt, plan)?;
+    let tmp = staging_dir(&opts.out)?;
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    fs::create_dir_all(tmp.parent().unwrap_or(Path::new("."))).map_err(io(&tmp))?;
+    fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let result = write_into(ckpt, plan, &tmp, opts).and_then(|summary| {
+        publish(&tmp, &opts.out)?;
+        Ok(summary)
+    });
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_into(ckpt: &Checkpoint, plan: &ShardPlan, tmp: &Path, opts: &WriteOptions) -> Result<WriteSummary, WriteError> {
+    let files: Vec<manifest::FileEntry> = plan
+        .files
+        .par_iter()
+        .map(|f| write_file(ckpt, f, &tmp.join(&f.name), opts.progress))
+        .collect::<Result<_, _>>()?;
+    let mut copied = Vec::new();
+    for name in &ckpt.meta.extra_files {
+        if name == MANIFEST_NAME {
+            continue;
+        }
+        let (src, dst) = (ckpt.meta.dir.join(name), tmp.join(name));
+        fs::copy(&src, &dst).map_err(io(&src))?;
+        File::open(&dst).and_then(|f| f.sync_all()).map_err(io(&dst))?;
+        copied.push(name.clone());
+    }
+    let m = manifest::Manifest::new(&ckpt.meta, plan, &files, &copied);
+    let mpath = tmp.join(MANIFEST_NAME);
+    let mut w = File::create(&mpath).map_err(io(&mpath))?;
+    let text = serde_json::to_vec_pretty(&m).expect("manifest serializes");
+    w.write_all(&text).and_then(|_| w.write_all(b"\n")).and_then(|_| w.sync_all()).map_err(io(&mpath))?;
+    File::open(tmp).and_then(|d| d.sync_all()).map_err(io(tmp))?;
+    let bytes = files.iter().map(|f| f.size).sum();
+    Ok(WriteSummary { out: opts.out.clone(), files, copied, bytes })
+}
+
+/// Moves the finished staging directory to `out`, replacing an existing `out` only after the new
+/// one is complete.
+fn publish(tmp: &Path, out: &Path) -> Result<(), WriteError> {
+    let old = tmp.with_file_name(tmp.file_name().map(|n| n.to_string_lossy().replace(TMP_MARKER, ".reshard-old-")).unwrap_or_default());
+    let replacing = out.exists();
+    if replacing {
+        fs::rename(out, &old).map_err(io(out))?;
+    }
+    if let Err(e) = fs::rename(tmp, out) {
+        if replacing {
+            let _ = fs::rename(&old, out);
+        }
+        return Err(io(out)(e));
+    }
+    if replacing {
+        fs::remove_dir_all(&old).map_err(io(&old))?;
+    }
+    if let Some(parent) = std::path::absolute(out).ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        let _ = File::open(&parent).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+
+/// A writer that checksums and counts what passes through it.
+struct Sink<W: Write> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    pending: u64,
+}
+
+impl<W: Write> Sink<W> {
+    fn put(&mut self, bytes: &[u8], progress: &(dyn Fn(u64) + Sync)) -> std::io::Result<()> {
+        self.inner.write_all(bytes)?;
+        self.crc.update(bytes);
+        self.pending += bytes.len() as u64;
+        if self.pending >= 1 << 22 {
+            progress(self.pending);
+            self.pending = 0;
+        }
+        Ok(())
+    }
+}
+
+fn write_file(ckpt: &Checkpoint, f: &FilePlan, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<manifest::FileEntry, WriteError> {
+    let file = File::create(path).map_err(io(path))?;
+    let mut sink = Sink { inner: BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new(), pending: 0 };
+    sink.put(&header_bytes(&f.tensors), progress).map_err(io(path))?;
+    for t in &f.tensors {
+        let elem = t.dtype.size();
+        let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * elem;
+        for piece in &t.pieces {
+            match piece {
+                Piece::Copy { source, source_shape, dim, start, end, .. } => {
+                    let info = &ckpt.meta.tensors[source];
+                    let data = ckpt.bytes(info);
+                    for (off, len) in byte_runs(source_shape, elem, *dim, *start, *end) {
+                        let run = data
+                            .get(off..off + len)
+                            .ok_or_else(|| WriteError::Internal { tensor: t.name.clone(), from: source.clone() })?;
+                        sink.put(run, progress).map_err(io(path))?;
+                    }
+                }
+                Piece::Zeros { rows, .. } => {
+                    let mut left = (rows[1] - rows[0]) * row_bytes;
+                    while left > 0 {
+                        let n = left.min(ZEROS.len());
+                        sink.put(&ZEROS[..n], progress).map_err(io(path))?;
+                        left -= n;
+                    }
+                }
+            }
+        }
+    }
+    progress(sink.pending);
+    let crc = sink.crc.finalize();
+    let file = sink.inner.into_inner().map_err(|e| io(path)(e.into_error()))?;
+    file.sync_all().map_err(io(path))?;
+    Ok(manifest::FileEntry { name: f.name.clone(), rank: f.rank, part: f.part, size: f.size, crc32: format!("{crc:08x}") })
+}
