@@ -95,7 +95,12 @@ pub fn make_plan(src: &Source, tp: usize, max_part_size: u64) -> Result<(Checkpo
 
 /// Plans and writes a conversion. Everything that can be checked is checked before the first
 /// byte is written: the plan, `--out`, and tied copies in the source.
-pub fn convert(src: &Source, tp: usize, max_part_size: u64, opts: &WriteOptions) -> Result<(ShardPlan, WriteSummary), Error> {
+pub fn convert(
+    src: &Source,
+    tp: usize,
+    max_part_size: u64,
+    opts: &WriteOptions,
+) -> Result<(ShardPlan, WriteSummary), Error> {
     let (meta, plan) = make_plan(src, tp, max_part_size)?;
     let summary = execute(meta, &plan, opts)?;
     Ok((plan, summary))

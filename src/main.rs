@@ -26,8 +26,10 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<std::io::Result<()>, Error> {
                 bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
             }
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-                    .expect("static template"),
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("static template"),
             );
             let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n) };
             let (meta, plan) = reshard::make_plan(&source(s), s.tp as usize, s.max_part_size)?;

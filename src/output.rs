@@ -75,10 +75,18 @@ pub fn print_plan(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
         writeln!(w)?;
         writeln!(w, "rank {rank}:")?;
         let tensors = plan.files.iter().filter(|f| f.rank == rank).flat_map(|f| &f.tensors);
-        let width = plan.files.iter().flat_map(|f| &f.tensors).map(|t| t.name.len()).max().unwrap_or(10).min(72);
+        let width = plan.files.iter().flat_map(|f| &f.tensors).map(|t| t.name.len() + 2).max().unwrap_or(10).min(74);
         writeln!(w, "  {:<width$} {:<13} {:<5} {:<14} FROM", "TENSOR", "SPLIT", "DTYPE", "SHAPE")?;
         for t in tensors {
-            writeln!(w, "  {:<width$} {:<13} {:<5} {:<14} {}", q(&t.name).to_string(), t.split, t.dtype.name(), shape(&t.shape), sources(&t.pieces))?;
+            writeln!(
+                w,
+                "  {:<width$} {:<13} {:<5} {:<14} {}",
+                q(&t.name).to_string(),
+                t.split,
+                t.dtype.name(),
+                shape(&t.shape),
+                sources(&t.pieces)
+            )?;
         }
     }
     Ok(())

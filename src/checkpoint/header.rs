@@ -94,7 +94,13 @@ pub fn parse(path: &Path, json: &[u8], file_size: u64) -> Result<Header, Checkpo
             .ok_or_else(|| bad(HeaderProblem::Entry { tensor: name.clone(), msg: "size overflows".into() }))?;
         let [s, e] = entry.data_offsets;
         if e < s || e - s != bytes {
-            return Err(bad(HeaderProblem::SizeMismatch { tensor: name, dtype, shape, offsets: [s, e], expected: bytes }));
+            return Err(bad(HeaderProblem::SizeMismatch {
+                tensor: name,
+                dtype,
+                shape,
+                offsets: [s, e],
+                expected: bytes,
+            }));
         }
         let start = data_base.checked_add(s);
         let end = data_base.checked_add(e);
@@ -113,7 +119,11 @@ pub fn parse(path: &Path, json: &[u8], file_size: u64) -> Result<Header, Checkpo
             let problem = if t.start < cursor {
                 HeaderProblem::Overlap { a: prev.unwrap_or("").to_string(), b: name.to_string() }
             } else {
-                HeaderProblem::Gap { after: prev.map(str::to_string), before: name.to_string(), bytes: t.start - cursor }
+                HeaderProblem::Gap {
+                    after: prev.map(str::to_string),
+                    before: name.to_string(),
+                    bytes: t.start - cursor,
+                }
             };
             return Err(bad(problem));
         }
@@ -123,7 +133,11 @@ pub fn parse(path: &Path, json: &[u8], file_size: u64) -> Result<Header, Checkpo
     if cursor != file_size {
         if cursor > file_size {
             let name = prev.unwrap_or("").to_string();
-            return Err(bad(HeaderProblem::BeyondEnd { tensor: name, end: cursor - data_base, data_len: file_size - data_base }));
+            return Err(bad(HeaderProblem::BeyondEnd {
+                tensor: name,
+                end: cursor - data_base,
+                data_len: file_size - data_base,
+            }));
         }
         return Err(bad(HeaderProblem::TrailingBytes { bytes: file_size - cursor }));
     }
@@ -164,7 +178,9 @@ impl std::fmt::Display for HeaderProblem {
                 "tensor {} ends at data offset {end}, past the {data_len}-byte data area (truncated file?)",
                 q(tensor)
             ),
-            HeaderProblem::TrailingBytes { bytes } => write!(f, "{bytes} bytes after the last tensor belong to no tensor"),
+            HeaderProblem::TrailingBytes { bytes } => {
+                write!(f, "{bytes} bytes after the last tensor belong to no tensor")
+            }
         }
     }
 }

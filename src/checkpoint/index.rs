@@ -34,8 +34,10 @@ impl Index {
 pub fn read_index(path: &Path, dir: &Path) -> Result<Index, CheckpointError> {
     let text = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_owned(), source })?;
     let de = &mut serde_json::Deserializer::from_slice(&text);
-    let index: Index = serde_path_to_error::deserialize(de)
-        .map_err(|e| CheckpointError::Json { path: path.to_owned(), msg: format!("at `{}`: {}", e.path(), e.inner()) })?;
+    let index: Index = serde_path_to_error::deserialize(de).map_err(|e| CheckpointError::Json {
+        path: path.to_owned(),
+        msg: format!("at `{}`: {}", e.path(), e.inner()),
+    })?;
     for file in index.files() {
         let p = Path::new(&file);
         let inside = !file.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));

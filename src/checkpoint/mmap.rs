@@ -42,10 +42,7 @@ impl Checkpoint {
 
     /// The data bytes of a tensor. The range was validated when the header was parsed.
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
-        self.maps
-            .get(t.file)
-            .and_then(|m| m.get(t.start as usize..t.end as usize))
-            .unwrap_or(&[])
+        self.maps.get(t.file).and_then(|m| m.get(t.start as usize..t.end as usize)).unwrap_or(&[])
     }
 
     /// The data bytes of a tensor by name.

@@ -185,7 +185,8 @@ impl CheckpointMeta {
                         b: name.clone(),
                     });
                 }
-                tensors.insert(tname, TensorInfo { dtype: t.dtype, shape: t.shape, file: i, start: t.start, end: t.end });
+                tensors
+                    .insert(tname, TensorInfo { dtype: t.dtype, shape: t.shape, file: i, start: t.start, end: t.end });
             }
             files.push(SourceFile { name: name.clone(), path, size });
         }

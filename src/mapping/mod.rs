@@ -19,7 +19,11 @@ use std::path::{Path, PathBuf};
 pub const FORMAT_VERSION: u32 = 1;
 
 /// The mapping files compiled into the binary: (file name, contents).
-pub const BUILTIN: &[(&str, &str)] = &[("bart.json", include_str!("../../mappings/bart.json"))];
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("bart.json", include_str!("../../mappings/bart.json")),
+    ("whisper.json", include_str!("../../mappings/whisper.json")),
+    ("mllama.json", include_str!("../../mappings/mllama.json")),
+];
 
 /// Errors loading or checking a mapping file.
 #[derive(Debug, thiserror::Error)]
@@ -29,9 +33,14 @@ pub enum MappingError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("mapping {origin}: at `{at}`: {msg}")]
     Invalid { origin: String, at: String, msg: String },
-    #[error("no bundled mapping for model_type {} (in {config})\n(hint: bundled families: {known}; or pass --mapping FILE)", q(model_type))]
+    #[error(
+        "no bundled mapping for model_type {} (in {config})\n(hint: bundled families: {known}; or pass --mapping FILE)",
+        q(model_type)
+    )]
     UnknownFamily { model_type: String, config: String, known: String },
-    #[error("{config} has no string `model_type`, so the model family cannot be detected\n(hint: pass --mapping FILE)")]
+    #[error(
+        "{config} has no string `model_type`, so the model family cannot be detected\n(hint: pass --mapping FILE)"
+    )]
     NoModelType { config: String },
 }
 
@@ -70,6 +79,10 @@ pub struct PartSpec {
 pub struct Missing {
     /// Synthesize zeros with the shape and dtype of this sibling part (by shard id).
     pub zeros_like: String,
+    /// Only when every listed placeholder has the given value (e.g. `{"p": "bias"}`): an absent
+    /// tensor under other bindings stays an error.
+    #[serde(default)]
+    pub when: BTreeMap<String, String>,
 }
 
 /// How a parameter is split across ranks.
@@ -220,8 +233,8 @@ pub struct Rule {
     pub index: usize,
     /// Target templates (one, or several for ties).
     pub targets: Vec<Pattern>,
-    /// Parts: `(shard_id, pattern, zeros_like)`; a single-source rule has one part with id "".
-    pub parts: Vec<(String, Pattern, Option<usize>)>,
+    /// Parts in stacking order; a single-source rule has one part with id "".
+    pub parts: Vec<RulePart>,
     /// The part whose matches enumerate the rule's instances (the first part that may not be missing).
     pub anchor: usize,
     /// Split rule.
@@ -237,6 +250,17 @@ impl Rule {
     pub fn label(&self) -> String {
         format!("params[{}] ({})", self.index, self.targets[0].as_str())
     }
+}
+
+/// A compiled part of a rule.
+#[derive(Clone, Debug)]
+pub struct RulePart {
+    /// Shard id.
+    pub shard_id: String,
+    /// Source pattern.
+    pub pattern: Pattern,
+    /// When absent: synthesize zeros like this part (index), under these bindings.
+    pub zeros_like: Option<(usize, BTreeMap<String, String>)>,
 }
 
 /// A compiled check.
@@ -270,7 +294,8 @@ pub struct Mapping {
 impl Mapping {
     /// Loads a mapping file from disk.
     pub fn load(path: &Path) -> Result<Mapping, MappingError> {
-        let text = std::fs::read_to_string(path).map_err(|source| MappingError::Io { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| MappingError::Io { path: path.to_owned(), source })?;
         Mapping::parse(&text, &path.display().to_string())
     }
 
@@ -293,12 +318,17 @@ impl Mapping {
             }
             known.extend(m.file.model_types.clone());
         }
-        Err(MappingError::UnknownFamily { model_type: mt.to_string(), config: config_label.to_string(), known: known.join(", ") })
+        Err(MappingError::UnknownFamily {
+            model_type: mt.to_string(),
+            config: config_label.to_string(),
+            known: known.join(", "),
+        })
     }
 
     /// Parses and checks mapping text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Mapping, MappingError> {
-        let invalid = |at: &str, msg: String| MappingError::Invalid { origin: origin.to_string(), at: at.to_string(), msg };
+        let invalid =
+            |at: &str, msg: String| MappingError::Invalid { origin: origin.to_string(), at: at.to_string(), msg };
         let de = &mut serde_json::Deserializer::from_str(text);
         let file: MappingFile = serde_path_to_error::deserialize(de).map_err(|e| {
             let at = e.path().to_string();
@@ -329,9 +359,8 @@ impl Mapping {
 }
 
 fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Result<Rule, (String, String)> {
-    let _ = i;
     let err = |at: &str, msg: String| (at.to_string(), msg);
-    let parts: Vec<(String, Pattern, Option<String>)> = match (&p.source, p.parts.is_empty()) {
+    let parts: Vec<(String, Pattern, Option<Missing>)> = match (&p.source, p.parts.is_empty()) {
         (Some(s), true) => vec![(String::new(), Pattern::parse(s).map_err(|m| err(".source", m))?, None)],
         (None, false) => p
             .parts
@@ -339,7 +368,7 @@ fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Re
             .enumerate()
             .map(|(j, part)| {
                 let pat = Pattern::parse(&part.source).map_err(|m| err(&format!(".parts[{j}].source"), m))?;
-                Ok((part.shard_id.clone(), pat, part.missing.as_ref().map(|m| m.zeros_like.clone())))
+                Ok((part.shard_id.clone(), pat, part.missing.clone()))
             })
             .collect::<Result<_, (String, String)>>()?,
         (Some(_), false) => return Err(err("", "give either `source` or `parts`, not both".into())),
@@ -348,7 +377,10 @@ fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Re
     let ids: Vec<&str> = parts.iter().map(|(s, _, _)| s.as_str()).collect();
     let need = |want: &[&str]| -> Result<(), (String, String)> {
         if ids != want {
-            return Err(err(".parts", format!("this split needs parts with shard ids {want:?} in that order, found {ids:?}")));
+            return Err(err(
+                ".parts",
+                format!("this split needs parts with shard ids {want:?} in that order, found {ids:?}"),
+            ));
         }
         Ok(())
     };
@@ -387,7 +419,10 @@ fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Re
         }
         SplitSpec::Replicated {} | SplitSpec::Column {} | SplitSpec::Row {} => {
             if parts.len() != 1 {
-                return Err(err("", "this split takes a single `source`; use merged_column, fused_qkv or kv to stack parts".into()));
+                return Err(err(
+                    "",
+                    "this split takes a single `source`; use merged_column, fused_qkv or kv to stack parts".into(),
+                ));
             }
         }
     }
@@ -403,15 +438,26 @@ fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Re
             return Err(err(&format!(".parts[{j}].source"), "every part must use the same placeholders".into()));
         }
     }
-    let zl: Vec<Option<usize>> = parts
+    let zl: Vec<Option<(usize, BTreeMap<String, String>)>> = parts
         .iter()
         .enumerate()
-        .map(|(j, (_, _, z))| match z {
+        .map(|(j, (_, pat, z))| match z {
             None => Ok(None),
-            Some(id) => match ids.iter().position(|x| x == id) {
-                Some(k) if k != j && parts[k].2.is_none() => Ok(Some(k)),
-                _ => Err(err(&format!(".parts[{j}].missing.zeros_like"), format!("`{id}` is not another part that must be present"))),
-            },
+            Some(Missing { zeros_like: id, when }) => {
+                if let Some(k) = when.keys().find(|k| !pat.vars().contains(k.as_str())) {
+                    return Err(err(
+                        &format!(".parts[{j}].missing.when"),
+                        format!("`{k}` is not a placeholder of the source"),
+                    ));
+                }
+                match ids.iter().position(|x| x == id) {
+                    Some(k) if k != j && parts[k].2.is_none() => Ok(Some((k, when.clone()))),
+                    _ => Err(err(
+                        &format!(".parts[{j}].missing.zeros_like"),
+                        format!("`{id}` is not another part that must be present"),
+                    )),
+                }
+            }
         })
         .collect::<Result<_, _>>()?;
     let anchor = zl.iter().position(Option::is_none).expect("checked above: a zeros_like target is required");
@@ -426,10 +472,8 @@ fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Re
     for (j, t) in target_texts.iter().enumerate() {
         let at = if p.targets.is_empty() { ".target".to_string() } else { format!(".targets[{j}]") };
         let pat = Pattern::parse(t).map_err(|m| err(&at, m))?;
-        if p.target.is_some() || !p.targets.is_empty() {
-            if pat.has_alternatives() {
-                return Err(err(&at, "a target template cannot have alternatives; use `{var}`".into()));
-            }
+        if (p.target.is_some() || !p.targets.is_empty()) && pat.has_alternatives() {
+            return Err(err(&at, "a target template cannot have alternatives; use `{var}`".into()));
         }
         if let Some(v) = pat.vars().iter().find(|v| !vars.contains(*v)) {
             return Err(err(&at, format!("placeholder `{{{v}}}` is not bound by the source pattern")));
@@ -443,7 +487,10 @@ fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Re
         .map(|(j, a)| {
             let pat = Pattern::parse(a).map_err(|m| err(&format!(".aliases[{j}]"), m))?;
             if pat.vars() != vars {
-                return Err(err(&format!(".aliases[{j}]"), "an alias must use the same placeholders as the source".into()));
+                return Err(err(
+                    &format!(".aliases[{j}]"),
+                    "an alias must use the same placeholders as the source".into(),
+                ));
             }
             Ok(pat)
         })
@@ -451,7 +498,11 @@ fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Re
     Ok(Rule {
         index: i,
         targets,
-        parts: parts.into_iter().zip(zl).map(|((id, pat, _), z)| (id, pat, z)).collect(),
+        parts: parts
+            .into_iter()
+            .zip(zl)
+            .map(|((shard_id, pattern, _), zeros_like)| RulePart { shard_id, pattern, zeros_like })
+            .collect(),
         anchor,
         split: p.split.clone(),
         aliases,
@@ -491,7 +542,9 @@ mod tests {
 
     #[test]
     fn semantic_errors_name_the_rule() {
-        let e = err(&format!(r#"{{{HEAD},"params":[{{"source":"a.{{i}}","target":"b.{{j}}","split":{{"kind":"column"}}}}]}}"#));
+        let e = err(&format!(
+            r#"{{{HEAD},"params":[{{"source":"a.{{i}}","target":"b.{{j}}","split":{{"kind":"column"}}}}]}}"#
+        ));
         assert!(e.contains("params[0].target") && e.contains("{j}"), "{e}");
         let e = err(&format!(
             r#"{{{HEAD},"params":[{{"target":"x","parts":[{{"shard_id":"q","source":"a"}},{{"shard_id":"v","source":"b"}}],"split":{{"kind":"fused_qkv","heads":"h","kv_heads":"h"}}}}]}}"#

@@ -46,7 +46,9 @@ impl Pattern {
                     None => (body, None),
                 };
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(format!("bad placeholder name `{name}` in pattern `{text}` (use letters, digits, `_`)"));
+                    return Err(format!(
+                        "bad placeholder name `{name}` in pattern `{text}` (use letters, digits, `_`)"
+                    ));
                 }
                 if matches!(segs.last(), Some(Seg::Var { .. })) {
                     return Err(format!("placeholders in `{text}` must be separated by literal text"));

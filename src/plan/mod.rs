@@ -45,7 +45,10 @@ pub enum PlanError {
     DtypeMismatch { tensor: String, found: Dtype, other: String, expected: Dtype },
     #[error("alias {} differs from {} in {what}", q(alias), q(primary))]
     AliasMismatch { alias: String, primary: String, what: String },
-    #[error("config.json `{key}` lists {config_layers:?}, but tensors matching {} exist for {tensor_layers:?}{detail}", q(pattern))]
+    #[error(
+        "config.json `{key}` lists {config_layers:?}, but tensors matching {} exist for {tensor_layers:?}{detail}",
+        q(pattern)
+    )]
     LayerSet { key: String, pattern: String, config_layers: Vec<u64>, tensor_layers: Vec<u64>, detail: String },
     #[error("config.json `{key}`: {msg}")]
     Config { key: String, msg: String },
@@ -267,7 +270,7 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
                 .parts
                 .iter()
                 .enumerate()
-                .map(|(j, p)| (Role::Part(j), &p.1))
+                .map(|(j, p)| (Role::Part(j), &p.pattern))
                 .chain(rule.aliases.iter().enumerate().map(|(j, p)| (Role::Alias(j), p)));
             for (role, pat) in roles {
                 if let Some(b) = pat.matches(cname) {
@@ -307,10 +310,10 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
         let find = |role: Role| members.iter().find(|(ro, _)| *ro == role).map(|(_, n)| n.clone());
         let Some(anchor_name) = find(Role::Part(rule.anchor)) else {
             let (_, present) = &members[0];
-            let missing = canon_to_orig(mapping, &rule.parts[rule.anchor].1.render(binding));
+            let missing = rule.parts[rule.anchor].pattern.render(binding);
             return Err(PlanError::MissingPart {
                 rule: rule.label(),
-                part: rule.parts[rule.anchor].0.clone(),
+                part: rule.parts[rule.anchor].shard_id.clone(),
                 missing,
                 present: present.clone(),
             });
@@ -321,13 +324,18 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
             match rule.reshape {
                 None => Ok(s.clone()),
                 Some(Reshape::Flatten2d) if !s.is_empty() => Ok(vec![s[0], s[1..].iter().product()]),
-                Some(Reshape::Flatten2d) => Err(PlanError::Shape { tensor: n.into(), msg: "cannot flatten a 0-d tensor".into() }),
+                Some(Reshape::Flatten2d) => {
+                    Err(PlanError::Shape { tensor: n.into(), msg: "cannot flatten a 0-d tensor".into() })
+                }
             }
         };
         let dtype = info(&anchor_name).dtype;
         let mut inputs = Vec::new();
-        for (j, (id, pat, zeros_like)) in rule.parts.iter().enumerate() {
-            match (find(Role::Part(j)), zeros_like) {
+        for (j, part) in rule.parts.iter().enumerate() {
+            let id = &part.shard_id;
+            let synthesize =
+                part.zeros_like.as_ref().is_some_and(|(_, when)| when.iter().all(|(k, v)| binding.get(k) == Some(v)));
+            match (find(Role::Part(j)), synthesize) {
                 (Some(n), _) => {
                     if info(&n).dtype != dtype {
                         return Err(PlanError::DtypeMismatch {
@@ -339,12 +347,12 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
                     }
                     inputs.push(Input { shard_id: id.clone(), source: Some(n.clone()), shape: view(&n)? });
                 }
-                (None, Some(_)) => inputs.push(Input { shard_id: id.clone(), source: None, shape: vec![] }),
-                (None, None) => {
+                (None, true) => inputs.push(Input { shard_id: id.clone(), source: None, shape: vec![] }),
+                (None, false) => {
                     return Err(PlanError::MissingPart {
                         rule: rule.label(),
                         part: id.clone(),
-                        missing: canon_to_orig(mapping, &pat.render(binding)),
+                        missing: part.pattern.render(binding),
                         present: anchor_name.clone(),
                     })
                 }
@@ -353,7 +361,7 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
         // Synthesized parts take their sibling's shape.
         for j in 0..inputs.len() {
             if inputs[j].source.is_none() {
-                let like = rule.parts[j].2.expect("only zeros_like parts may be absent");
+                let like = rule.parts[j].zeros_like.as_ref().expect("only zeros_like parts may be absent").0;
                 inputs[j].shape = inputs[like].shape.clone();
             }
         }
@@ -391,19 +399,22 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
     })
 }
 
-/// Undoes the prefix rewrite for messages about tensors that do not exist (best effort: the
-/// canonical form is what the mapping names).
-fn canon_to_orig(_mapping: &Mapping, canonical: &str) -> String {
-    canonical.to_string()
-}
-
-fn check_layer_sets(meta: &CheckpointMeta, mapping: &Mapping, canon: &BTreeMap<String, String>) -> Result<(), PlanError> {
+fn check_layer_sets(
+    meta: &CheckpointMeta,
+    mapping: &Mapping,
+    canon: &BTreeMap<String, String>,
+) -> Result<(), PlanError> {
     for c in &mapping.checks {
-        let value = dims::lookup(&meta.config, &c.config)
-            .ok_or_else(|| PlanError::Config { key: c.config.clone(), msg: "missing (the mapping checks it against the tensors)".into() })?;
+        let value = dims::lookup(&meta.config, &c.config).ok_or_else(|| PlanError::Config {
+            key: c.config.clone(),
+            msg: "missing (the mapping checks it against the tensors)".into(),
+        })?;
         let config_layers: Option<Vec<u64>> = value.as_array().and_then(|a| a.iter().map(|v| v.as_u64()).collect());
         let Some(mut config_layers) = config_layers else {
-            return Err(PlanError::Config { key: c.config.clone(), msg: format!("expected a list of integers, found {value}") });
+            return Err(PlanError::Config {
+                key: c.config.clone(),
+                msg: format!("expected a list of integers, found {value}"),
+            });
         };
         config_layers.sort_unstable();
         config_layers.dedup();
@@ -452,56 +463,68 @@ fn layout_of(split: SplitSpec, dims: &Dims, inputs: &[Input], anchor: &str) -> R
         if i.shape.get(1..) != inputs[0].shape.get(1..) {
             return Err(shape_err(
                 &name_of(i),
-                format!("shape {} does not stack with {} of {}", fmt_shape(&i.shape), fmt_shape(&inputs[0].shape), q(&name_of(&inputs[0]))),
+                format!(
+                    "shape {} does not stack with {} of {}",
+                    fmt_shape(&i.shape),
+                    fmt_shape(&inputs[0].shape),
+                    q(&name_of(&inputs[0]))
+                ),
             ));
         }
     }
-    let heads_check = |heads_dim: &str, kv_dim: &str, hd_dim: &Option<String>, q_in: Option<&Input>, kv_in: &[&Input]| {
-        let (heads, kv) = (dim(dims, heads_dim), dim(dims, kv_dim));
-        if heads == 0 || kv == 0 {
-            return Err(shape_err(anchor, format!("dim `{heads_dim}` = {heads}, `{kv_dim}` = {kv}: head counts must be positive")));
-        }
-        if heads % kv != 0 {
-            return Err(shape_err(anchor, format!("{heads} heads (`{heads_dim}`) are not a multiple of {kv} kv heads (`{kv_dim}`)")));
-        }
-        let (basis, basis_heads, basis_dim) = match q_in {
-            Some(qi) => (qi, heads, heads_dim),
-            None => (kv_in[0], kv, kv_dim),
-        };
-        let hd = match hd_dim {
-            Some(d) => dim(dims, d),
-            None => {
-                let r = rows(basis).unwrap_or(0);
-                if r % basis_heads != 0 || r == 0 {
-                    return Err(shape_err(
-                        &name_of(basis),
-                        format!("{r} rows do not split into {basis_heads} heads (`{basis_dim}` in config.json)"),
-                    ));
-                }
-                r / basis_heads
-            }
-        };
-        let mut want = vec![];
-        if let Some(qi) = q_in {
-            want.push((qi, heads, heads_dim));
-        }
-        for k in kv_in {
-            want.push((k, kv, kv_dim));
-        }
-        for (i, n, dname) in want {
-            if rows(i) != Some(n * hd) {
+    let heads_check =
+        |heads_dim: &str, kv_dim: &str, hd_dim: &Option<String>, q_in: Option<&Input>, kv_in: &[&Input]| {
+            let (heads, kv) = (dim(dims, heads_dim), dim(dims, kv_dim));
+            if heads == 0 || kv == 0 {
                 return Err(shape_err(
-                    &name_of(i),
-                    format!(
-                        "has {} rows, but config.json gives {n} heads (`{dname}`) x head_dim {hd} = {} rows",
-                        rows(i).unwrap_or(0),
-                        n * hd
-                    ),
+                    anchor,
+                    format!("dim `{heads_dim}` = {heads}, `{kv_dim}` = {kv}: head counts must be positive"),
                 ));
             }
-        }
-        Ok((heads, kv, hd))
-    };
+            if heads % kv != 0 {
+                return Err(shape_err(
+                    anchor,
+                    format!("{heads} heads (`{heads_dim}`) are not a multiple of {kv} kv heads (`{kv_dim}`)"),
+                ));
+            }
+            let (basis, basis_heads, basis_dim) = match q_in {
+                Some(qi) => (qi, heads, heads_dim),
+                None => (kv_in[0], kv, kv_dim),
+            };
+            let hd = match hd_dim {
+                Some(d) => dim(dims, d),
+                None => {
+                    let r = rows(basis).unwrap_or(0);
+                    if r % basis_heads != 0 || r == 0 {
+                        return Err(shape_err(
+                            &name_of(basis),
+                            format!("{r} rows do not split into {basis_heads} heads (`{basis_dim}` in config.json)"),
+                        ));
+                    }
+                    r / basis_heads
+                }
+            };
+            let mut want = vec![];
+            if let Some(qi) = q_in {
+                want.push((qi, heads, heads_dim));
+            }
+            for k in kv_in {
+                want.push((k, kv, kv_dim));
+            }
+            for (i, n, dname) in want {
+                if rows(i) != Some(n * hd) {
+                    return Err(shape_err(
+                        &name_of(i),
+                        format!(
+                            "has {} rows, but config.json gives {n} heads (`{dname}`) x head_dim {hd} = {} rows",
+                            rows(i).unwrap_or(0),
+                            n * hd
+                        ),
+                    ));
+                }
+            }
+            Ok((heads, kv, hd))
+        };
     Ok(match split {
         SplitSpec::Replicated {} => Layout::Replicated,
         SplitSpec::Column {} => Layout::Column,
@@ -519,7 +542,10 @@ fn layout_of(split: SplitSpec, dims: &Dims, inputs: &[Input], anchor: &str) -> R
             let r = rows(&inputs[0]).unwrap_or(0);
             if let Some(w) = want {
                 if r != dim(dims, &w) {
-                    return Err(shape_err(anchor, format!("has {r} rows, but dim `{w}` from config.json is {}", dim(dims, &w))));
+                    return Err(shape_err(
+                        anchor,
+                        format!("has {r} rows, but dim `{w}` from config.json is {}", dim(dims, &w)),
+                    ));
                 }
             }
             Layout::Vocab { rows: r, pad_to: pad_to as usize }
@@ -564,9 +590,10 @@ impl Resolved {
                         ));
                     }
                 }
-                Layout::Vocab { rows, pad_to } => {
-                    div(split::padded_rows(*rows, *pad_to), &format!("{rows} rows padded to a multiple of {pad_to} give"))?
-                }
+                Layout::Vocab { rows, pad_to } => div(
+                    split::padded_rows(*rows, *pad_to),
+                    &format!("{rows} rows padded to a multiple of {pad_to} give"),
+                )?,
             }
         }
         Ok(())
@@ -721,14 +748,21 @@ mod tests {
         let mut off = 0u64;
         for (name, shape) in tensors {
             let n = shape.iter().product::<usize>() as u64 * 4;
-            map.insert(name.to_string(), TensorInfo { dtype: Dtype::F32, shape: shape.to_vec(), file: 0, start: off, end: off + n });
+            map.insert(
+                name.to_string(),
+                TensorInfo { dtype: Dtype::F32, shape: shape.to_vec(), file: 0, start: off, end: off + n },
+            );
             off += n;
         }
         CheckpointMeta {
             dir: "/nonexistent".into(),
             config,
             config_path: "/nonexistent/config.json".into(),
-            files: vec![SourceFile { name: "model.safetensors".into(), path: "/nonexistent/model.safetensors".into(), size: off }],
+            files: vec![SourceFile {
+                name: "model.safetensors".into(),
+                path: "/nonexistent/model.safetensors".into(),
+                size: off,
+            }],
             tensors: map,
             extra_files: vec![],
         }
@@ -813,8 +847,8 @@ mod tests {
     fn bad_tp_lists_valid_values() {
         let r = resolve(&gqa_meta(12, 3, 8), &gqa_mapping()).unwrap();
         assert_eq!(r.valid_tps(16), vec![1, 3, 6, 12]);
-        let err = r.plan(5, DEFAULT_MAX_PART_SIZE).unwrap_err().to_string();
-        assert!(err.contains("tp 5 does not fit") && err.contains("head count 12 is not divisible by 5"), "{err}");
+        let err = r.plan(8, DEFAULT_MAX_PART_SIZE).unwrap_err().to_string();
+        assert!(err.contains("tp 8 does not fit") && err.contains("head count 12 is not divisible by 8"), "{err}");
         assert!(err.contains("valid tp values: 1, 3, 6, 12"), "{err}");
         let err = r.plan(4, DEFAULT_MAX_PART_SIZE).unwrap_err().to_string();
         assert!(err.contains("3 kv heads can be neither split evenly over 4 ranks"), "{err}");
@@ -870,7 +904,10 @@ mod tests {
         .unwrap();
         let m = meta(json!({"cross": [1, 3]}), &[("l.0.y.w", &[1]), ("l.1.x.w", &[1]), ("l.2.x.w", &[1])]);
         let err = resolve(&m, &mapping).unwrap_err().to_string();
-        assert!(err.contains("`cross` lists [1, 3]") && err.contains("[3] are listed but have no such tensors"), "{err}");
+        assert!(
+            err.contains("`cross` lists [1, 3]") && err.contains("[3] are listed but have no such tensors"),
+            "{err}"
+        );
         assert!(err.contains("[2] have such tensors but are not listed"), "{err}");
     }
 

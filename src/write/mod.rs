@@ -25,7 +25,10 @@ pub const TMP_MARKER: &str = ".reshard-tmp-";
 #[derive(Debug, thiserror::Error)]
 #[allow(missing_docs)]
 pub enum WriteError {
-    #[error("output {} already exists and is not empty\n(hint: pass --force to replace it, or choose another --out)", qp(path))]
+    #[error(
+        "output {} already exists and is not empty\n(hint: pass --force to replace it, or choose another --out)",
+        qp(path)
+    )]
     OutExists { path: PathBuf },
     #[error("output {} exists and is not a directory", qp(path))]
     OutNotDir { path: PathBuf },
@@ -104,7 +107,8 @@ pub struct WriteSummary {
 /// Checks that `out` may be written for input `input` (before any work).
 pub fn check_out(input: &Path, out: &Path, force: bool) -> Result<(), WriteError> {
     let abs_in = fs::canonicalize(input).map_err(io(input))?;
-    let abs_in_dir = if abs_in.is_dir() { abs_in.clone() } else { abs_in.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let abs_in_dir =
+        if abs_in.is_dir() { abs_in.clone() } else { abs_in.parent().map(Path::to_path_buf).unwrap_or_default() };
     let abs_out = absolute_nonexistent(out)?;
     if abs_out.starts_with(&abs_in_dir) {
         return Err(WriteError::OutInsideInput { out: out.to_owned(), input: input.to_owned() });
@@ -190,7 +194,12 @@ pub fn write_plan(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> R
     result
 }
 
-fn write_into(ckpt: &Checkpoint, plan: &ShardPlan, tmp: &Path, opts: &WriteOptions) -> Result<WriteSummary, WriteError> {
+fn write_into(
+    ckpt: &Checkpoint,
+    plan: &ShardPlan,
+    tmp: &Path,
+    opts: &WriteOptions,
+) -> Result<WriteSummary, WriteError> {
     let files: Vec<manifest::FileEntry> = plan
         .files
         .par_iter()
@@ -219,7 +228,9 @@ fn write_into(ckpt: &Checkpoint, plan: &ShardPlan, tmp: &Path, opts: &WriteOptio
 /// Moves the finished staging directory to `out`, replacing an existing `out` only after the new
 /// one is complete.
 fn publish(tmp: &Path, out: &Path) -> Result<(), WriteError> {
-    let old = tmp.with_file_name(tmp.file_name().map(|n| n.to_string_lossy().replace(TMP_MARKER, ".reshard-old-")).unwrap_or_default());
+    let old = tmp.with_file_name(
+        tmp.file_name().map(|n| n.to_string_lossy().replace(TMP_MARKER, ".reshard-old-")).unwrap_or_default(),
+    );
     let replacing = out.exists();
     if replacing {
         fs::rename(out, &old).map_err(io(out))?;
@@ -239,7 +250,7 @@ fn publish(tmp: &Path, out: &Path) -> Result<(), WriteError> {
     Ok(())
 }
 
-const ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
 /// A writer that checksums and counts what passes through it.
 struct Sink<W: Write> {
@@ -261,7 +272,12 @@ impl<W: Write> Sink<W> {
     }
 }
 
-fn write_file(ckpt: &Checkpoint, f: &FilePlan, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<manifest::FileEntry, WriteError> {
+fn write_file(
+    ckpt: &Checkpoint,
+    f: &FilePlan,
+    path: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<manifest::FileEntry, WriteError> {
     let file = File::create(path).map_err(io(path))?;
     let mut sink = Sink { inner: BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new(), pending: 0 };
     sink.put(&header_bytes(&f.tensors), progress).map_err(io(path))?;
@@ -295,5 +311,11 @@ fn write_file(ckpt: &Checkpoint, f: &FilePlan, path: &Path, progress: &(dyn Fn(u
     let crc = sink.crc.finalize();
     let file = sink.inner.into_inner().map_err(|e| io(path)(e.into_error()))?;
     file.sync_all().map_err(io(path))?;
-    Ok(manifest::FileEntry { name: f.name.clone(), rank: f.rank, part: f.part, size: f.size, crc32: format!("{crc:08x}") })
+    Ok(manifest::FileEntry {
+        name: f.name.clone(),
+        rank: f.rank,
+        part: f.part,
+        size: f.size,
+        crc32: format!("{crc:08x}"),
+    })
 }

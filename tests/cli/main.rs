@@ -1,0 +1,7 @@
+//! Integration tests: the real `reshard` binary on the committed fixtures, in temp dirs.
+
+mod contract;
+mod convert;
+mod errors;
+mod plan;
+mod util;

@@ -1,0 +1,190 @@
+//! Test environment: run the real binary, read safetensors with the reference `safetensors`
+//! crate, and a tiny row-major tensor type for computing expected shards independently.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `reshard args...`; asserts it did not panic (whatever the exit code).
+pub fn reshard(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_reshard"))
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .expect("spawn reshard");
+    let out = Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    };
+    assert!(!out.stderr.contains("panicked"), "reshard panicked: {}", out.stderr);
+    out
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct T {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl T {
+    fn elem(&self) -> usize {
+        match self.dtype.as_str() {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "U8" | "I8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            d => panic!("test helper: dtype {d}"),
+        }
+    }
+    fn row_bytes(&self) -> usize {
+        self.shape[1..].iter().product::<usize>() * self.elem()
+    }
+    /// Rows `a..b` of dim 0.
+    pub fn rows(&self, a: usize, b: usize) -> T {
+        let rb = self.row_bytes();
+        let mut shape = self.shape.clone();
+        shape[0] = b - a;
+        T { dtype: self.dtype.clone(), shape, data: self.data[a * rb..b * rb].to_vec() }
+    }
+    /// Columns `a..b` of dim 1 (2-D only).
+    pub fn cols(&self, a: usize, b: usize) -> T {
+        assert_eq!(self.shape.len(), 2);
+        let e = self.elem();
+        let mut data = Vec::new();
+        for r in 0..self.shape[0] {
+            let base = r * self.shape[1] * e;
+            data.extend_from_slice(&self.data[base + a * e..base + b * e]);
+        }
+        T { dtype: self.dtype.clone(), shape: vec![self.shape[0], b - a], data }
+    }
+    /// Concatenation along dim 0.
+    pub fn cat(parts: &[T]) -> T {
+        let mut out = parts[0].clone();
+        for p in &parts[1..] {
+            assert_eq!(p.shape[1..], out.shape[1..]);
+            out.shape[0] += p.shape[0];
+            out.data.extend_from_slice(&p.data);
+        }
+        out
+    }
+    /// Zeros with the trailing shape of `self` and `n` rows.
+    pub fn zero_rows(&self, n: usize) -> T {
+        let mut shape = self.shape.clone();
+        shape[0] = n;
+        T { dtype: self.dtype.clone(), shape, data: vec![0; n * self.row_bytes()] }
+    }
+    /// Rank `r` of `tp` blocks along dim 0.
+    pub fn col_block(&self, r: usize, tp: usize) -> T {
+        let n = self.shape[0] / tp;
+        self.rows(r * n, (r + 1) * n)
+    }
+    /// Rank `r` of `tp` blocks along dim 1; a 1-D tensor (row-parallel bias) stays whole.
+    pub fn row_block(&self, r: usize, tp: usize) -> T {
+        if self.shape.len() == 1 {
+            return self.clone();
+        }
+        let n = self.shape[1] / tp;
+        self.cols(r * n, (r + 1) * n)
+    }
+    /// The kv heads of rank `r`: one head, replicated over consecutive ranks, when tp >= kv.
+    pub fn kv_block(&self, kv: usize, r: usize, tp: usize) -> T {
+        let hd = self.shape[0] / kv;
+        if tp >= kv {
+            let h = r / (tp / kv);
+            self.rows(h * hd, (h + 1) * hd)
+        } else {
+            self.col_block(r, tp)
+        }
+    }
+    /// Vocab-parallel: pad rows to a multiple of 64, take rank r's block, zero-fill.
+    pub fn vocab_block(&self, r: usize, tp: usize) -> T {
+        let rows = self.shape[0];
+        let per = rows.div_ceil(64) * 64 / tp;
+        let (a, b) = ((r * per).min(rows), ((r + 1) * per).min(rows));
+        let real = self.rows(a, b);
+        let pad = real.zero_rows(per - (b - a));
+        T::cat(&[real, pad])
+    }
+}
+
+/// All tensors of one safetensors file.
+pub fn read_file(path: &Path) -> BTreeMap<String, T> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, T { dtype: format!("{:?}", v.dtype()), shape: v.shape().to_vec(), data: v.data().to_vec() }))
+        .collect()
+}
+
+/// All tensors of a Hugging Face checkpoint directory (single file or index).
+pub fn read_checkpoint(dir: &Path) -> BTreeMap<String, T> {
+    let idx = dir.join("model.safetensors.index.json");
+    if idx.exists() {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&idx).unwrap()).unwrap();
+        let mut files: Vec<&str> = v["weight_map"].as_object().unwrap().values().map(|f| f.as_str().unwrap()).collect();
+        files.sort();
+        files.dedup();
+        let mut out = BTreeMap::new();
+        for f in files {
+            out.extend(read_file(&dir.join(f)));
+        }
+        out
+    } else {
+        read_file(&dir.join("model.safetensors"))
+    }
+}
+
+/// All tensors of one rank of an output directory, asserting no name is in two parts.
+pub fn read_rank(out: &Path, rank: usize) -> BTreeMap<String, T> {
+    let mut all = BTreeMap::new();
+    for part in 0.. {
+        let p = out.join(format!("model-rank-{rank}-part-{part}.safetensors"));
+        if !p.exists() {
+            assert!(part > 0, "rank {rank} has no part 0 in {}", out.display());
+            break;
+        }
+        let tensors = read_file(&p);
+        assert!(!tensors.is_empty(), "{} is an empty part", p.display());
+        for (n, t) in tensors {
+            assert!(all.insert(n.clone(), t).is_none(), "{n} appears in two parts of rank {rank}");
+        }
+    }
+    all
+}
+
+/// Asserts that a rank's tensors equal the expected ones exactly, names, dtypes, shapes and bytes.
+pub fn assert_rank_eq(label: &str, rank: usize, got: &BTreeMap<String, T>, want: &BTreeMap<String, T>) {
+    let g: Vec<&String> = got.keys().collect();
+    let w: Vec<&String> = want.keys().collect();
+    let missing: Vec<_> = w.iter().filter(|n| !got.contains_key(**n)).collect();
+    let extra: Vec<_> = g.iter().filter(|n| !want.contains_key(**n)).collect();
+    assert!(missing.is_empty() && extra.is_empty(), "{label} rank {rank}: missing {missing:?}, extra {extra:?}");
+    for (name, w) in want {
+        let g = &got[name];
+        assert_eq!((&g.dtype, &g.shape), (&w.dtype, &w.shape), "{label} rank {rank} tensor {name}: dtype/shape");
+        if g.data != w.data {
+            let first = g.data.iter().zip(&w.data).position(|(a, b)| a != b).unwrap_or(0);
+            panic!("{label} rank {rank} tensor {name}: bytes differ, first at byte {first}");
+        }
+    }
+}
+
+pub fn config(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+}
+
+pub fn uint(v: &serde_json::Value, key: &str) -> usize {
+    key.split('.').fold(v, |v, k| &v[k]).as_u64().unwrap_or_else(|| panic!("config key {key}")) as usize
+}
