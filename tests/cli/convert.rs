@@ -9,7 +9,7 @@ use std::path::Path;
 type Contract = fn(&BTreeMap<String, T>, &serde_json::Value, usize) -> Ranks;
 
 /// Converts `name` at `tp` and compares every rank with the contract; returns the output dir.
-fn check(name: &str, tp: usize, expected: Contract, extra: &[&str]) -> tempfile::TempDir {
+pub fn check(name: &str, tp: usize, expected: Contract, extra: &[&str]) -> tempfile::TempDir {
     let src = fixture(name);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
@@ -32,7 +32,7 @@ fn check(name: &str, tp: usize, expected: Contract, extra: &[&str]) -> tempfile:
     tmp
 }
 
-fn valid_tps(name: &str) -> Vec<usize> {
+pub fn valid_tps(name: &str) -> Vec<usize> {
     (1..=16).filter(|tp| reshard(&[&"plan", &fixture(name), &"--tp", &tp.to_string()]).code == 0).collect()
 }
 

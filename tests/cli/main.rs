@@ -3,5 +3,6 @@
 mod contract;
 mod convert;
 mod errors;
+mod families;
 mod plan;
 mod util;

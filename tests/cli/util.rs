@@ -188,3 +188,26 @@ pub fn config(dir: &Path) -> serde_json::Value {
 pub fn uint(v: &serde_json::Value, key: &str) -> usize {
     key.split('.').fold(v, |v, k| &v[k]).as_u64().unwrap_or_else(|| panic!("config key {key}")) as usize
 }
+
+/// Writes tensors as a safetensors file (independent of reshard's writer).
+pub fn write_checkpoint(path: &Path, tensors: &BTreeMap<String, T>) {
+    let mut header = serde_json::Map::new();
+    let mut off = 0;
+    for (n, t) in tensors {
+        header.insert(
+            n.clone(),
+            serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [off, off + t.data.len()]}),
+        );
+        off += t.data.len();
+    }
+    let mut h = serde_json::Value::Object(header).to_string();
+    while h.len() % 8 != 0 {
+        h.push(' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(h.as_bytes());
+    for t in tensors.values() {
+        bytes.extend_from_slice(&t.data);
+    }
+    std::fs::write(path, bytes).unwrap();
+}

@@ -1,0 +1,161 @@
+//! Issue #3: Whisper and mllama, and the BART quirks, at every tp that divides.
+
+use crate::contract;
+use crate::convert::{check, valid_tps};
+use crate::util::*;
+use std::fs;
+use std::path::Path;
+
+#[test]
+fn whisper_every_tp() {
+    assert_eq!(valid_tps("whisper-tiny"), [1, 2, 4]);
+    for tp in [1, 2, 4] {
+        check("whisper-tiny", tp, contract::whisper, &[]);
+    }
+}
+
+#[test]
+fn whisper_k_bias_is_synthesized_as_zeros() {
+    let tmp = check("whisper-tiny", 2, contract::whisper, &[]);
+    let rank1 = read_rank(&tmp.path().join("out"), 1);
+    let b = &rank1["model.decoder.layers.1.encoder_attn.kv_proj.bias"];
+    assert_eq!(b.shape, vec![32]);
+    assert!(b.data[..16 * 4].iter().all(|&x| x == 0), "k half of the cross kv bias is zero");
+    assert!(b.data[16 * 4..].iter().any(|&x| x != 0), "v half is the real v bias");
+    assert!(!rank1.contains_key("proj_out.weight"));
+}
+
+#[test]
+fn mllama_gqa_every_tp_including_kv_replication() {
+    assert_eq!(valid_tps("mllama-gqa"), [1, 2, 4, 8]);
+    for tp in [1, 2, 4, 8] {
+        check("mllama-gqa", tp, contract::mllama, &[]);
+    }
+}
+
+#[test]
+fn mllama_awkward_every_tp() {
+    // 12 q heads / 3 kv heads: tp 6 replicates each kv head on two ranks.
+    assert_eq!(valid_tps("mllama-awkward"), [1, 3, 6]);
+    for tp in [1, 3, 6] {
+        check("mllama-awkward", tp, contract::mllama, &[]);
+    }
+}
+
+#[test]
+fn mllama_sharded_input_in_the_newer_naming() {
+    assert!(fixture("mllama-sharded").join("model.safetensors.index.json").exists());
+    assert_eq!(valid_tps("mllama-sharded"), [1, 2, 4, 8]);
+    for tp in [1, 4, 8] {
+        let tmp = check("mllama-sharded", tp, contract::mllama, &[]);
+        // Written in the hub naming whatever the input used.
+        let names = read_rank(&tmp.path().join("out"), 0);
+        assert!(names.keys().all(|n| !n.starts_with("model.")), "{:?}", names.keys().next());
+    }
+}
+
+#[test]
+fn bart_legacy_tied_copies_are_accepted_when_identical() {
+    let tmp = check("bart-legacy", 2, contract::bart, &[]);
+    let m: serde_json::Value =
+        serde_json::from_slice(&fs::read(tmp.path().join("out/reshard-manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["aliases"].as_array().unwrap().len(), 3);
+    let rank0 = read_rank(&tmp.path().join("out"), 0);
+    assert!(rank0.contains_key("final_logits_bias"));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn bart_legacy_tied_copies_that_differ_are_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("bart-legacy"), &src);
+    let mut tensors = read_checkpoint(&src);
+    tensors.get_mut("lm_head.weight").unwrap().data[40] ^= 1;
+    write_checkpoint(&src.join("model.safetensors"), &tensors);
+    let out = tmp.path().join("out");
+    let r = reshard(&[&"convert", &src, &"--tp", &"2", &"--out", &out]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("`lm_head.weight` is an alias of `model.shared.weight` but differs from it at byte 40"),
+        "{}",
+        r.stderr
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn cross_attention_layers_disagreeing_with_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("mllama-gqa"), &src);
+    let mut cfg = config(&src);
+    cfg["text_config"]["cross_attention_layers"] = serde_json::json!([1, 2]);
+    fs::write(src.join("config.json"), cfg.to_string()).unwrap();
+    let r = reshard(&[&"plan", &src, &"--tp", &"2"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("`text_config.cross_attention_layers` lists [1, 2]"), "{}", r.stderr);
+    assert!(r.stderr.contains("layer(s) [2] are listed but have no such tensors"), "{}", r.stderr);
+    assert!(r.stderr.contains("layer(s) [3] have such tensors but are not listed"), "{}", r.stderr);
+}
+
+#[test]
+fn kv_head_count_disagreeing_with_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("mllama-gqa"), &src);
+    let mut cfg = config(&src);
+    cfg["text_config"]["num_key_value_heads"] = 4.into();
+    fs::write(src.join("config.json"), cfg.to_string()).unwrap();
+    let r = reshard(&[&"plan", &src, &"--tp", &"2"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("k_proj.weight`: has 16 rows") && r.stderr.contains("4 heads (`kv_heads`)"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn invalid_tp_for_gqa_lists_valid_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let r = reshard(&[&"convert", &fixture("mllama-awkward"), &"--tp", &"2", &"--out", &out]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("3 kv heads") && r.stderr.contains("valid tp values: 1, 3, 6"), "{}", r.stderr);
+    assert!(!out.exists());
+}
+
+#[test]
+fn explicit_mapping_overrides_detection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("my-whisper.json");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    fs::copy(root.join("mappings/whisper.json"), &m).unwrap();
+    let r = reshard(&[&"plan", &fixture("whisper-tiny"), &"--tp", &"2", &"--json", &"--mapping", &m]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["mapping"].as_str().unwrap(), m.display().to_string());
+}
+
+#[test]
+fn single_file_with_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let f = fixture("whisper-tiny").join("model.safetensors");
+    let r = reshard(&[&"convert", &f, &"--tp", &"2", &"--out", &out]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("needs --config"), "{}", r.stderr);
+    let cfg = fixture("whisper-tiny").join("config.json");
+    let r = reshard(&[&"convert", &f, &"--config", &cfg, &"--tp", &"2", &"--out", &out]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let want = contract::whisper(&read_checkpoint(&fixture("whisper-tiny")), &config(&fixture("whisper-tiny")), 2);
+    assert_rank_eq("single file", 1, &read_rank(&out, 1), &want[1]);
+}
