@@ -17,6 +17,52 @@ pub enum Command {
     Plan(PlanArgs),
     /// Write the per-rank shards, copied config/tokenizer files and a manifest.
     Convert(ConvertArgs),
+    /// Prove an output bit-exact and complete against its source, and check the cross-attention
+    /// forward numerically (exit 1 on any finding).
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The source checkpoint (directory, or one .safetensors file with --config).
+    pub source: PathBuf,
+    /// The output directory of `reshard convert`.
+    pub out: PathBuf,
+    /// config.json to use (required when SOURCE is a single file).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Mapping file to use instead of the bundled one.
+    #[arg(long)]
+    pub mapping: Option<PathBuf>,
+    #[command(flatten)]
+    pub check: CheckArgs,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Skip the cross-attention forward check (bytes only).
+    #[arg(long)]
+    pub no_forward: bool,
+    /// Decoder tokens of the forward check's random inputs.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub tokens: u32,
+    /// Encoder tokens of the forward check's random inputs.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub source_tokens: u32,
+}
+
+impl CheckArgs {
+    pub fn options(&self) -> reshard::verify::VerifyOptions {
+        reshard::verify::VerifyOptions {
+            forward: !self.no_forward,
+            tokens: self.tokens as usize,
+            source_tokens: self.source_tokens as usize,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +105,11 @@ pub struct ConvertArgs {
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Verify the output against the source before publishing it (exit 1 if it fails).
+    #[arg(long)]
+    pub verify: bool,
+    #[command(flatten)]
+    pub check: CheckArgs,
 }
 
 /// Parses a byte size with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB).

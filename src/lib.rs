@@ -25,6 +25,7 @@ pub mod exit_code;
 pub mod mapping;
 pub mod plan;
 pub mod text;
+pub mod verify;
 pub mod write;
 
 use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
@@ -45,6 +46,10 @@ pub enum Error {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(transparent)]
+    Verify(#[from] verify::VerifyError),
+    #[error("verification of the new output failed ({} finding(s)); nothing was written to --out{}", .0.findings.len(), .0.findings.iter().take(10).map(|f| format!("\n  {f}")).collect::<String>())]
+    VerifyFailed(Box<verify::VerifyReport>),
 }
 
 impl Error {
@@ -54,6 +59,8 @@ impl Error {
             Error::Checkpoint(_) | Error::Mapping(_) | Error::Plan(_) => exit_code::BAD_INPUT,
             Error::Write(w) if w.is_input_error() => exit_code::BAD_INPUT,
             Error::Write(_) => exit_code::OUTPUT_FAILED,
+            Error::Verify(_) => exit_code::BAD_INPUT,
+            Error::VerifyFailed(_) => exit_code::CHECK_FAILED,
         }
     }
 }
@@ -102,13 +109,30 @@ pub fn convert(
     opts: &WriteOptions,
 ) -> Result<(ShardPlan, WriteSummary), Error> {
     let (meta, plan) = make_plan(src, tp, max_part_size)?;
-    let summary = execute(meta, &plan, opts)?;
+    let (summary, _) = execute(meta, &plan, opts, None)?;
     Ok((plan, summary))
 }
 
-/// Writes a plan made by [`make_plan`] from `meta`.
-pub fn execute(meta: CheckpointMeta, plan: &ShardPlan, opts: &WriteOptions) -> Result<WriteSummary, Error> {
+/// Writes a plan made by [`make_plan`] from `meta`. With `verify`, the finished output is
+/// verified against `src` in its staging directory and published only if every check holds.
+pub fn execute(
+    meta: CheckpointMeta,
+    plan: &ShardPlan,
+    opts: &WriteOptions,
+    verify: Option<(&Source, &verify::VerifyOptions)>,
+) -> Result<(WriteSummary, Option<verify::VerifyReport>), Error> {
     write::check_out(&meta.dir, &opts.out, opts.force)?;
     let ckpt = Checkpoint::open(meta)?;
-    Ok(write::write_plan(&ckpt, plan, opts)?)
+    let staged = write::write_staged(&ckpt, plan, opts)?;
+    let report = match verify {
+        Some((src, vopts)) => {
+            let report = verify::verify(src, staged.path(), vopts)?;
+            if !report.ok {
+                return Err(Error::VerifyFailed(Box::new(report)));
+            }
+            Some(report)
+        }
+        None => None,
+    };
+    Ok((staged.publish()?, report))
 }

@@ -13,11 +13,13 @@ fn source(a: &SourceArgs) -> Source {
     Source { input: a.input.clone(), config: a.config.clone(), mapping: a.mapping.clone() }
 }
 
-fn run(cli: Cli, out: &mut impl Write) -> Result<std::io::Result<()>, Error> {
+/// Runs a command: the result of printing to stdout, and the exit code when it went through.
+fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Error> {
     match cli.command {
         Command::Plan(a) => {
             let (_, plan) = reshard::make_plan(&source(&a.source), a.source.tp as usize, a.source.max_part_size)?;
-            Ok(if a.source.json { output::print_json(out, &plan) } else { output::print_plan(out, &plan) })
+            let printed = if a.source.json { output::print_json(out, &plan) } else { output::print_plan(out, &plan) };
+            Ok((printed, exit_code::OK))
         }
         Command::Convert(a) => {
             let s = &a.source;
@@ -34,9 +36,25 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<std::io::Result<()>, Error> {
             let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n) };
             let (meta, plan) = reshard::make_plan(&source(s), s.tp as usize, s.max_part_size)?;
             bar.set_length(plan.output_bytes());
-            let summary = reshard::execute(meta, &plan, &opts)?;
+            let vopts = a.check.options();
+            let src = source(s);
+            let (summary, report) = reshard::execute(meta, &plan, &opts, a.verify.then_some((&src, &vopts)))?;
             bar.finish_and_clear();
-            Ok(if s.json { output::print_json(out, &summary) } else { output::print_written(out, &plan, &summary) })
+            let printed = if s.json {
+                output::print_json(out, &serde_json::json!({"written": summary, "verify": report}))
+            } else {
+                output::print_written(out, &plan, &summary, report.as_ref())
+            };
+            Ok((printed, exit_code::OK))
+        }
+        Command::Verify(a) => {
+            let src = Source { input: a.source, config: a.config, mapping: a.mapping };
+            let report = reshard::verify::verify(&src, &a.out, &a.check.options())?;
+            let printed = if a.json { output::print_json(out, &report) } else { output::print_verify(out, &report) };
+            if !report.ok {
+                eprintln!("error: verification failed: {} finding(s)", report.findings.len());
+            }
+            Ok((printed, if report.ok { exit_code::OK } else { exit_code::CHECK_FAILED }))
         }
     }
 }
@@ -45,10 +63,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = std::io::stdout();
     match run(cli, &mut stdout.lock()) {
-        Ok(Ok(())) => ExitCode::from(exit_code::OK),
+        Ok((Ok(()), code)) => ExitCode::from(code),
         // A closed pipe (`reshard plan ... | head`) is not an error.
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(exit_code::OK),
-        Ok(Err(e)) => {
+        Ok((Err(e), code)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(code),
+        Ok((Err(e), _)) => {
             eprintln!("error: writing to stdout: {e}");
             ExitCode::from(exit_code::OUTPUT_FAILED)
         }

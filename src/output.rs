@@ -2,6 +2,7 @@
 
 use reshard::plan::{Piece, ShardPlan};
 use reshard::text::{q, shape};
+use reshard::verify::VerifyReport;
 use reshard::write::WriteSummary;
 use serde::Serialize;
 use std::io::{self, Write};
@@ -92,8 +93,54 @@ pub fn print_plan(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes the human verify report.
+pub fn print_verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
+    writeln!(w, "family {} ({}), tp {}", r.family, r.mapping, r.tp)?;
+    writeln!(
+        w,
+        "bytes: {} tensors in {} files checked against the source, {} compared",
+        r.tensors_checked,
+        r.files_checked,
+        bytes(r.bytes_compared)
+    )?;
+    writeln!(w, "manifest: {}", if r.manifest_checked { "sizes and crc32 checked" } else { "none found" })?;
+    if !r.forward.is_empty() {
+        writeln!(
+            w,
+            "cross-attention forward, shards vs source (f64, tolerance {:.0e} relative):",
+            r.forward[0].tolerance
+        )?;
+        for l in &r.forward {
+            let status = if l.passed { "ok" } else { "FAILED" };
+            writeln!(
+                w,
+                "  layer {:<3} {:<48} max abs {:.3e}  max rel {:.3e}  {status}",
+                l.layer, l.module, l.max_abs_err, l.max_rel_err
+            )?;
+        }
+    }
+    if r.ok {
+        writeln!(w, "OK: every byte is where the layout puts it")
+    } else {
+        writeln!(w, "FAILED: {} finding(s)", r.findings.len())?;
+        for f in &r.findings {
+            writeln!(
+                w,
+                "  [{}] {f}",
+                serde_json::to_value(f.kind).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes the human summary of a conversion.
-pub fn print_written(w: &mut impl Write, plan: &ShardPlan, s: &WriteSummary) -> io::Result<()> {
+pub fn print_written(
+    w: &mut impl Write,
+    plan: &ShardPlan,
+    s: &WriteSummary,
+    verified: Option<&VerifyReport>,
+) -> io::Result<()> {
     writeln!(w, "wrote {} ({} files, {}) for tp {}", s.out.display(), s.files.len(), bytes(s.bytes), plan.tp)?;
     for f in &s.files {
         writeln!(w, "  {:<40} {:>12}  crc32 {}", f.name, bytes(f.size), f.crc32)?;
@@ -101,7 +148,17 @@ pub fn print_written(w: &mut impl Write, plan: &ShardPlan, s: &WriteSummary) -> 
     if !s.copied.is_empty() {
         writeln!(w, "  copied: {}", s.copied.join(", "))?;
     }
-    writeln!(w, "  manifest: {}", reshard::write::MANIFEST_NAME)
+    writeln!(w, "  manifest: {}", reshard::write::MANIFEST_NAME)?;
+    if let Some(r) = verified {
+        writeln!(
+            w,
+            "verified: {} tensors, {} compared, {} cross-attention layer(s) within tolerance",
+            r.tensors_checked,
+            bytes(r.bytes_compared),
+            r.forward.len()
+        )?;
+    }
+    Ok(())
 }
 
 /// Writes a value as JSON and a newline.

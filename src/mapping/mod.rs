@@ -224,6 +224,70 @@ pub struct MappingFile {
     /// Config/tensor consistency checks.
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
+    /// How to run the decoder cross-attention forward check (`verify`, `validate`).
+    #[serde(default)]
+    pub cross_attention: Option<CrossAttentionSpec>,
+}
+
+/// Names of one cross-attention layer's weights; templates use `{i}` for the layer index.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttnNames {
+    /// Query weight.
+    pub q: String,
+    /// Query bias (absent tensor = zeros).
+    #[serde(default)]
+    pub q_bias: Option<String>,
+    /// Key weight (source only).
+    #[serde(default)]
+    pub k: Option<String>,
+    /// Key bias (source only; absent tensor = zeros).
+    #[serde(default)]
+    pub k_bias: Option<String>,
+    /// Value weight (source only).
+    #[serde(default)]
+    pub v: Option<String>,
+    /// Value bias (source only).
+    #[serde(default)]
+    pub v_bias: Option<String>,
+    /// Fused `[k_r ; v_r]` weight (shards only).
+    #[serde(default)]
+    pub kv: Option<String>,
+    /// Fused `[k_r ; v_r]` bias (shards only).
+    #[serde(default)]
+    pub kv_bias: Option<String>,
+    /// Output projection weight.
+    pub o: String,
+    /// Output projection bias (full on every rank, added once).
+    #[serde(default)]
+    pub o_bias: Option<String>,
+    /// Per-head RMSNorm weight of q (mllama).
+    #[serde(default)]
+    pub q_norm: Option<String>,
+    /// Per-head RMSNorm weight of k (mllama).
+    #[serde(default)]
+    pub k_norm: Option<String>,
+}
+
+/// The decoder cross-attention of a family, for the forward checks.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrossAttentionSpec {
+    /// Pattern whose `{i}` values enumerate the layers (a source name).
+    pub layers: String,
+    /// Dim name of the query head count.
+    pub heads: String,
+    /// Dim name of the kv head count.
+    pub kv_heads: String,
+    /// Dim name of the decoder hidden size (rows of `x`).
+    pub hidden: String,
+    /// Config key of the RMSNorm epsilon when q/k are normalized per head.
+    #[serde(default)]
+    pub norm_eps_config: Option<String>,
+    /// Source (unsplit) names.
+    pub source: AttnNames,
+    /// Shard (target) names.
+    pub shards: AttnNames,
 }
 
 /// A compiled rule.
@@ -354,8 +418,44 @@ impl Mapping {
             }
             checks.push(Check { index: i, config: config.clone(), pattern, var: var.clone() });
         }
+        if let Some(ca) = &file.cross_attention {
+            check_cross_attention(ca, &file.dims).map_err(|(at, msg)| invalid(&format!("cross_attention{at}"), msg))?;
+        }
         Ok(Mapping { origin: origin.to_string(), file, rules, checks, digest: crc32fast::hash(text.as_bytes()) })
     }
+
+    /// The canonical form of a source name (after `source_prefixes`).
+    pub fn canonical<'a>(&self, name: &'a str) -> std::borrow::Cow<'a, str> {
+        for p in &self.file.source_prefixes {
+            if let Some(rest) = name.strip_prefix(p.from.as_str()) {
+                return format!("{}{rest}", p.to).into();
+            }
+        }
+        name.into()
+    }
+}
+
+fn check_cross_attention(ca: &CrossAttentionSpec, dims: &BTreeMap<String, DimSpec>) -> Result<(), (String, String)> {
+    for (at, d) in [(".heads", &ca.heads), (".kv_heads", &ca.kv_heads), (".hidden", &ca.hidden)] {
+        if !dims.contains_key(d) {
+            return Err((at.into(), format!("unknown dim `{d}`")));
+        }
+    }
+    let layers = Pattern::parse(&ca.layers).map_err(|m| (".layers".to_string(), m))?;
+    if layers.vars().into_iter().collect::<Vec<_>>() != ["i"] {
+        return Err((".layers".into(), "must have exactly one placeholder, `{i}`".into()));
+    }
+    let need = |side: &str, n: &AttnNames, kv: bool| -> Result<(), (String, String)> {
+        let ok = if kv { n.kv.is_some() } else { n.k.is_some() && n.v.is_some() };
+        if !ok {
+            let want = if kv { "`kv`" } else { "`k` and `v`" };
+            return Err((format!(".{side}"), format!("needs {want}")));
+        }
+        Ok(())
+    };
+    need("source", &ca.source, false)?;
+    need("shards", &ca.shards, true)?;
+    Ok(())
 }
 
 fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Result<Rule, (String, String)> {

@@ -232,15 +232,6 @@ impl ShardPlan {
     }
 }
 
-fn canonical<'a>(mapping: &Mapping, name: &'a str) -> std::borrow::Cow<'a, str> {
-    for p in &mapping.file.source_prefixes {
-        if let Some(rest) = name.strip_prefix(p.from.as_str()) {
-            return format!("{}{rest}", p.to).into();
-        }
-    }
-    name.into()
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
     Part(usize),
@@ -254,7 +245,7 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
     // canonical name -> original name
     let mut canon: BTreeMap<String, String> = BTreeMap::new();
     for name in meta.tensors.keys() {
-        let c = canonical(mapping, name).into_owned();
+        let c = mapping.canonical(name).into_owned();
         if let Some(prev) = canon.insert(c.clone(), name.clone()) {
             return Err(PlanError::TargetCollision { target: c, a: prev, b: name.clone() });
         }

@@ -173,25 +173,67 @@ pub fn check_aliases(ckpt: &Checkpoint, plan: &ShardPlan) -> Result<(), WriteErr
     Ok(())
 }
 
+/// A finished output in its staging directory, not yet at `--out`. Dropping it without
+/// [`Staged::publish`] removes the staging directory.
+pub struct Staged {
+    dir: PathBuf,
+    out: PathBuf,
+    published: bool,
+    /// What was written.
+    pub summary: WriteSummary,
+}
+
+impl Staged {
+    /// Where the finished output sits until published.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Renames the staging directory to `--out` (replacing an old one only now).
+    pub fn publish(mut self) -> Result<WriteSummary, WriteError> {
+        publish(&self.dir, &self.out)?;
+        self.published = true;
+        Ok(std::mem::replace(
+            &mut self.summary,
+            WriteSummary { out: PathBuf::new(), files: vec![], copied: vec![], bytes: 0 },
+        ))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.published {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// Writes every file of `plan`, the copied non-weight files and the manifest into a staging
-/// directory, then renames it to `opts.out`. On error the staging directory is removed.
-pub fn write_plan(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<WriteSummary, WriteError> {
+/// directory beside `opts.out`. On error the staging directory is removed.
+pub fn write_staged(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<Staged, WriteError> {
     check_out(&ckpt.meta.dir, &opts.out, opts.force)?;
     check_aliases(ckpt, plan)?;
     let tmp = staging_dir(&opts.out)?;
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
-    fs::create_dir_all(tmp.parent().unwrap_or(Path::new("."))).map_err(io(&tmp))?;
-    fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let result = write_into(ckpt, plan, &tmp, opts).and_then(|summary| {
-        publish(&tmp, &opts.out)?;
-        Ok(summary)
-    });
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
+    if let Some(parent) = tmp.parent() {
+        fs::create_dir_all(parent).map_err(io(parent))?;
     }
-    result
+    fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let mut staged = Staged {
+        dir: tmp,
+        out: opts.out.clone(),
+        published: false,
+        summary: WriteSummary { out: opts.out.clone(), files: vec![], copied: vec![], bytes: 0 },
+    };
+    staged.summary = write_into(ckpt, plan, &staged.dir, opts)?;
+    Ok(staged)
+}
+
+/// [`write_staged`] then [`Staged::publish`].
+pub fn write_plan(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<WriteSummary, WriteError> {
+    write_staged(ckpt, plan, opts)?.publish()
 }
 
 fn write_into(

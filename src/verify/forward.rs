@@ -1,0 +1,406 @@
+//! The cross-attention forward check on the CPU, in f64.
+//!
+//! For decoder states X [T, d] and encoder states E [S, d]: Q = X Wq^T + bq, K = E Wk^T + bk,
+//! V = E Wv^T + bv, split into heads (mllama: RMSNorm of every q and k head with q_norm/k_norm),
+//! scores scaled by head_dim^-0.5, GQA (q head g uses kv head g / (heads / kv_heads)), softmax over
+//! S without a mask, out = context Wo^T + bo. The sharded form runs the same per rank on the rank's
+//! q heads and kv heads, sums the partial out_proj products as an all-reduce would, and adds bo
+//! once. Weights are read a row at a time from the memory maps, so memory stays O(d).
+
+use super::{VerifyError, VerifyOptions};
+use crate::checkpoint::Checkpoint;
+use crate::dtype::{self, Dtype};
+use crate::mapping::dims::Dims;
+use crate::mapping::pattern::{Bindings, Pattern};
+use crate::mapping::{AttnNames, Mapping};
+use crate::text::q;
+use crate::Error;
+use serde::Serialize;
+
+/// Relative tolerance of the f64 forward comparison (max abs error / max |reference|).
+pub const TOLERANCE: f64 = 1e-5;
+
+/// Result for one layer.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerCheck {
+    /// Layer index.
+    pub layer: usize,
+    /// Source module name (`model.decoder.layers.1.encoder_attn`).
+    pub module: String,
+    /// Max |sharded - unsplit|.
+    pub max_abs_err: f64,
+    /// `max_abs_err / max |unsplit|`.
+    pub max_rel_err: f64,
+    /// Tolerance on `max_rel_err`.
+    pub tolerance: f64,
+    /// Whether the layer passed.
+    pub passed: bool,
+}
+
+/// A row-major matrix viewed in place.
+pub struct Mat<'a> {
+    bytes: &'a [u8],
+    dtype: Dtype,
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+}
+
+impl<'a> Mat<'a> {
+    fn row(&self, i: usize) -> Vec<f64> {
+        let w = self.cols * self.dtype.size();
+        let b = &self.bytes[i * w..(i + 1) * w];
+        dtype::to_f32(self.dtype, b).unwrap_or_default().into_iter().map(f64::from).collect()
+    }
+}
+
+/// Dense activations: `[n][d]`.
+pub type Act = Vec<Vec<f64>>;
+
+fn forward_err(msg: String) -> Error {
+    Error::Verify(VerifyError::Forward { msg })
+}
+
+/// Finds a tensor by (canonical) name in a checkpoint.
+fn get<'a>(c: &'a Checkpoint, mapping: Option<&Mapping>, name: &str) -> Option<(&'a [u8], Dtype, &'a [usize])> {
+    let (_, t) = c.meta.tensors.iter().find(|(n, _)| match mapping {
+        Some(m) => m.canonical(n) == name,
+        None => n.as_str() == name,
+    })?;
+    Some((c.bytes(t), t.dtype, &t.shape))
+}
+
+fn mat<'a>(c: &'a Checkpoint, mapping: Option<&Mapping>, name: &str) -> Result<Mat<'a>, Error> {
+    let (bytes, dtype, shape) =
+        get(c, mapping, name).ok_or_else(|| forward_err(format!("tensor {} not found", q(name))))?;
+    if shape.len() != 2 || !dtype.is_float() {
+        return Err(forward_err(format!(
+            "tensor {} is {dtype} {}, expected a 2-d float matrix",
+            q(name),
+            crate::text::shape(shape)
+        )));
+    }
+    Ok(Mat { bytes, dtype, rows: shape[0], cols: shape[1] })
+}
+
+fn vector(
+    c: &Checkpoint,
+    mapping: Option<&Mapping>,
+    name: Option<&String>,
+    len: usize,
+) -> Result<Option<Vec<f64>>, Error> {
+    let Some(name) = name else { return Ok(None) };
+    let Some((bytes, dtype, _)) = get(c, mapping, name) else { return Ok(None) };
+    let v: Vec<f64> = dtype::to_f32(dtype, bytes).unwrap_or_default().into_iter().map(f64::from).collect();
+    if v.len() != len {
+        return Err(forward_err(format!("tensor {} has {} elements, expected {len}", q(name), v.len())));
+    }
+    Ok(Some(v))
+}
+
+/// `x W^T + b` for W rows `rows` (all when `None`).
+fn linear(x: &Act, w: &Mat, rows: std::ops::Range<usize>, b: Option<&[f64]>) -> Act {
+    let mut out = vec![vec![0.0; rows.len()]; x.len()];
+    for (j, o) in rows.clone().enumerate() {
+        let wr = w.row(o);
+        for (t, xt) in x.iter().enumerate() {
+            let s: f64 = xt.iter().zip(&wr).map(|(a, b)| a * b).sum();
+            out[t][j] = s + b.map_or(0.0, |b| b[o]);
+        }
+    }
+    out
+}
+
+/// Attention core: q [T][h*hd], k/v [S][kvh*hd] -> context [T][h*hd].
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &Act,
+    k: &Act,
+    v: &Act,
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    norms: Option<(&[f64], &[f64], f64)>,
+) -> Act {
+    let rms = |x: &[f64], w: &[f64], eps: f64| -> Vec<f64> {
+        let ms = x.iter().map(|a| a * a).sum::<f64>() / x.len() as f64;
+        let r = 1.0 / (ms + eps).sqrt();
+        x.iter().zip(w).map(|(a, g)| a * r * g).collect()
+    };
+    let head = |m: &Act, t: usize, h: usize| -> Vec<f64> { m[t][h * hd..(h + 1) * hd].to_vec() };
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut ctx = vec![vec![0.0; heads * hd]; q.len()];
+    for h in 0..heads {
+        let kh = h / group;
+        let keys: Vec<Vec<f64>> = (0..k.len())
+            .map(|s| {
+                let kv = head(k, s, kh);
+                match norms {
+                    Some((_, kn, eps)) => rms(&kv, kn, eps),
+                    None => kv,
+                }
+            })
+            .collect();
+        for t in 0..q.len() {
+            let mut qv = head(q, t, h);
+            if let Some((qn, _, eps)) = norms {
+                qv = rms(&qv, qn, eps);
+            }
+            let scores: Vec<f64> =
+                keys.iter().map(|kv| qv.iter().zip(kv).map(|(a, b)| a * b).sum::<f64>() * scale).collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (s, p) in e.iter().enumerate() {
+                for d in 0..hd {
+                    ctx[t][h * hd + d] += p / z * v[s][kh * hd + d];
+                }
+            }
+        }
+    }
+    ctx
+}
+
+/// Shapes and options of one layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Decoder hidden size.
+    pub hidden: usize,
+    /// RMSNorm epsilon when q/k are normalized per head.
+    pub norm_eps: Option<f64>,
+}
+
+fn render(t: &str, layer: usize) -> String {
+    let mut b = Bindings::new();
+    b.insert("i".into(), layer.to_string());
+    Pattern::parse(t).map(|p| p.render(&b)).unwrap_or_else(|_| t.to_string())
+}
+
+fn names(n: &AttnNames, layer: usize) -> AttnNames {
+    let r = |s: &String| render(s, layer);
+    let o = |s: &Option<String>| s.as_ref().map(r);
+    AttnNames {
+        q: r(&n.q),
+        q_bias: o(&n.q_bias),
+        k: o(&n.k),
+        k_bias: o(&n.k_bias),
+        v: o(&n.v),
+        v_bias: o(&n.v_bias),
+        kv: o(&n.kv),
+        kv_bias: o(&n.kv_bias),
+        o: r(&n.o),
+        o_bias: o(&n.o_bias),
+        q_norm: o(&n.q_norm),
+        k_norm: o(&n.k_norm),
+    }
+}
+
+/// The layer computed from the unsplit source weights.
+pub fn forward_source(
+    src: &Checkpoint,
+    mapping: &Mapping,
+    layer: usize,
+    s: AttnShape,
+    x: &Act,
+    e: &Act,
+) -> Result<Act, Error> {
+    let spec = mapping
+        .file
+        .cross_attention
+        .as_ref()
+        .ok_or_else(|| forward_err("mapping has no cross_attention section".into()))?;
+    let n = names(&spec.source, layer);
+    let m = Some(mapping);
+    let (wq, wk, wv, wo) = (
+        mat(src, m, &n.q)?,
+        mat(src, m, n.k.as_ref().expect("checked"))?,
+        mat(src, m, n.v.as_ref().expect("checked"))?,
+        mat(src, m, &n.o)?,
+    );
+    let hd = wq.rows / s.heads;
+    let bq = vector(src, m, n.q_bias.as_ref(), wq.rows)?;
+    let bk = vector(src, m, n.k_bias.as_ref(), wk.rows)?;
+    let bv = vector(src, m, n.v_bias.as_ref(), wv.rows)?;
+    let bo = vector(src, m, n.o_bias.as_ref(), wo.rows)?;
+    let qn = vector(src, m, n.q_norm.as_ref(), hd)?;
+    let kn = vector(src, m, n.k_norm.as_ref(), hd)?;
+    let norms = match (&qn, &kn, s.norm_eps) {
+        (Some(a), Some(b), Some(eps)) => Some((a.as_slice(), b.as_slice(), eps)),
+        _ => None,
+    };
+    let qa = linear(x, &wq, 0..wq.rows, bq.as_deref());
+    let ka = linear(e, &wk, 0..wk.rows, bk.as_deref());
+    let va = linear(e, &wv, 0..wv.rows, bv.as_deref());
+    let ctx = attend(&qa, &ka, &va, s.heads, s.kv_heads, hd, norms);
+    Ok(linear(&ctx, &wo, 0..wo.rows, bo.as_deref()))
+}
+
+/// The layer computed from the per-rank shards as tp ranks would, partials summed.
+pub fn forward_shards(
+    ranks: &[Checkpoint],
+    mapping: &Mapping,
+    layer: usize,
+    s: AttnShape,
+    x: &Act,
+    e: &Act,
+) -> Result<Act, Error> {
+    let spec = mapping
+        .file
+        .cross_attention
+        .as_ref()
+        .ok_or_else(|| forward_err("mapping has no cross_attention section".into()))?;
+    let n = names(&spec.shards, layer);
+    let tp = ranks.len();
+    let mut out = vec![vec![0.0; s.hidden]; x.len()];
+    let mut bias = None;
+    for (r, c) in ranks.iter().enumerate() {
+        let (wq, wkv, wo) = (mat(c, None, &n.q)?, mat(c, None, n.kv.as_ref().expect("checked"))?, mat(c, None, &n.o)?);
+        let heads = s.heads / tp;
+        let hd = wq.rows / heads.max(1);
+        let kv_local = wkv.rows / 2 / hd.max(1);
+        if heads == 0 || kv_local == 0 || heads % kv_local != 0 {
+            return Err(forward_err(format!(
+                "rank {r}: {} q heads and {kv_local} kv heads per rank do not form GQA groups",
+                heads
+            )));
+        }
+        let bq = vector(c, None, n.q_bias.as_ref(), wq.rows)?;
+        let bkv = vector(c, None, n.kv_bias.as_ref(), wkv.rows)?;
+        let qn = vector(c, None, n.q_norm.as_ref(), hd)?;
+        let kn = vector(c, None, n.k_norm.as_ref(), hd)?;
+        let norms = match (&qn, &kn, s.norm_eps) {
+            (Some(a), Some(b), Some(eps)) => Some((a.as_slice(), b.as_slice(), eps)),
+            _ => None,
+        };
+        let half = wkv.rows / 2;
+        let qa = linear(x, &wq, 0..wq.rows, bq.as_deref());
+        let ka = linear(e, &wkv, 0..half, bkv.as_deref());
+        // `linear` indexes the bias by absolute row, so the v half reads bkv[half..].
+        let va = linear(e, &wkv, half..wkv.rows, bkv.as_deref());
+        let ctx = attend(&qa, &ka, &va, heads, kv_local, hd, norms);
+        let partial = linear(&ctx, &wo, 0..wo.rows, None);
+        for (o, p) in out.iter_mut().zip(&partial) {
+            for (a, b) in o.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        if r == 0 {
+            bias = vector(c, None, n.o_bias.as_ref(), wo.rows)?;
+        }
+    }
+    if let Some(b) = bias {
+        for o in out.iter_mut() {
+            for (a, bb) in o.iter_mut().zip(&b) {
+                *a += bb;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Deterministic standard-normal inputs (splitmix64 + Box-Muller); never all zeros.
+pub fn random_act(n: usize, d: usize, seed: u64) -> Act {
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            (0..d)
+                .map(|_| {
+                    let (u1, u2) = (next().max(1e-300), next());
+                    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Max absolute difference and max |reference|.
+pub fn max_err(reference: &Act, other: &Act) -> (f64, f64) {
+    let mut abs: f64 = 0.0;
+    let mut mag: f64 = 0.0;
+    for (a, b) in reference.iter().zip(other) {
+        for (x, y) in a.iter().zip(b) {
+            abs = abs.max((x - y).abs());
+            mag = mag.max(x.abs());
+        }
+    }
+    (abs, mag)
+}
+
+/// The layer indices of the family's cross-attention, from the source tensor names.
+pub fn layers(src: &Checkpoint, mapping: &Mapping) -> Vec<usize> {
+    let Some(spec) = &mapping.file.cross_attention else { return vec![] };
+    let Ok(p) = Pattern::parse(&spec.layers) else { return vec![] };
+    let mut v: Vec<usize> =
+        src.meta.tensors.keys().filter_map(|n| p.matches(&mapping.canonical(n))?.get("i")?.parse().ok()).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// The shape parameters of the family's cross-attention, from the dims and config.
+pub fn shape(src: &Checkpoint, mapping: &Mapping, dims: &Dims) -> Result<AttnShape, Error> {
+    let spec = mapping
+        .file
+        .cross_attention
+        .as_ref()
+        .ok_or_else(|| forward_err("mapping has no cross_attention section".into()))?;
+    let d = |n: &str| dims.get(n).copied().unwrap_or(0) as usize;
+    let norm_eps = match &spec.norm_eps_config {
+        Some(k) => Some(
+            crate::mapping::dims::lookup(&src.meta.config, k)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| forward_err(format!("config.json has no number at `{k}`")))?,
+        ),
+        None => None,
+    };
+    Ok(AttnShape { heads: d(&spec.heads), kv_heads: d(&spec.kv_heads), hidden: d(&spec.hidden), norm_eps })
+}
+
+/// Runs the check on every cross-attention layer.
+pub fn check_all(
+    src: &Checkpoint,
+    mapping: &Mapping,
+    dims: &Dims,
+    ranks: &[Checkpoint],
+    opts: &VerifyOptions,
+) -> Result<Vec<LayerCheck>, Error> {
+    if opts.tokens == 0 || opts.source_tokens == 0 {
+        return Err(VerifyError::NoTokens.into());
+    }
+    let s = shape(src, mapping, dims)?;
+    let spec = mapping.file.cross_attention.as_ref().expect("caller checked");
+    let mut out = Vec::new();
+    for layer in layers(src, mapping) {
+        let enc_dim = mat(src, Some(mapping), &render(spec.source.k.as_deref().unwrap_or_default(), layer))?.cols;
+        let x = random_act(opts.tokens, s.hidden, opts.seed ^ (layer as u64) << 32);
+        let e = random_act(opts.source_tokens, enc_dim, opts.seed ^ (layer as u64) << 32 ^ 1);
+        let reference = forward_source(src, mapping, layer, s, &x, &e)?;
+        let sharded = forward_shards(ranks, mapping, layer, s, &x, &e)?;
+        let (abs, mag) = max_err(&reference, &sharded);
+        let rel = if mag > 0.0 { abs / mag } else { abs };
+        let module = spec.source.q.rsplit_once('.').map(|(m, _)| m).unwrap_or(&spec.source.q);
+        let module = module.rsplit_once('.').map(|(m, _)| m).unwrap_or(module);
+        out.push(LayerCheck {
+            layer,
+            module: render(module, layer),
+            max_abs_err: abs,
+            max_rel_err: rel,
+            tolerance: TOLERANCE,
+            passed: rel <= TOLERANCE,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,628 @@
+//! `reshard verify`: proves that an output directory is exactly a checkpoint in the target layout.
+//!
+//! Entry point: [`verify`]. The plan is recomputed from the source and the mapping; then, for
+//! every rank, every tensor the plan puts there is compared piece by piece with the source bytes
+//! (both sides memory-mapped, nothing copied, so memory does not grow with the model), zero
+//! pieces (vocabulary padding, synthesized biases) must be zero, and the rank may hold nothing
+//! else. The manifest's sizes and checksums, tied copies in the source, and the plan's coverage of
+//! every source element are checked too, and every finding is reported, not only the first.
+//! [`forward`] adds the numeric cross-attention check.
+
+pub mod forward;
+
+use crate::checkpoint::{self, Checkpoint, CheckpointMeta, SourceFile, TensorInfo};
+use crate::dtype::{self, Dtype};
+use crate::mapping::Mapping;
+use crate::plan::{self, split::byte_runs, OutTensor, Piece, Resolved, ShardPlan};
+use crate::text::q;
+use crate::write::manifest::Manifest;
+use crate::write::MANIFEST_NAME;
+use crate::Error;
+use rayon::prelude::*;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Version of the verify report JSON.
+pub const REPORT_FORMAT_VERSION: u32 = 1;
+
+/// Errors that stop verification from running at all (as opposed to findings).
+#[derive(Debug, thiserror::Error)]
+#[allow(missing_docs)]
+pub enum VerifyError {
+    #[error("{}: no `model-rank-*-part-*.safetensors` files; is it a reshard output?", crate::text::qp(dir))]
+    NoShards { dir: PathBuf },
+    #[error("{}: cannot read: {source}", crate::text::qp(path))]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("--tokens and --source-tokens must be at least 1")]
+    NoTokens,
+    #[error("forward check: {msg}")]
+    Forward { msg: String },
+}
+
+/// What kind of problem a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum FindingKind {
+    /// Bytes differ from the source slice the plan puts there.
+    Mismatch,
+    /// Padding or a synthesized part is not zero.
+    NonZero,
+    /// A tensor the plan puts on a rank is absent.
+    Missing,
+    /// A tensor on a rank that the plan does not put there.
+    Extra,
+    /// Wrong dtype or shape.
+    Shape,
+    /// A file that cannot be read as safetensors, or a tensor in two parts of a rank.
+    BadFile,
+    /// Manifest and files disagree.
+    Manifest,
+    /// Tied copies in the source differ.
+    Alias,
+    /// A source element no rank receives.
+    Coverage,
+    /// The numeric forward check exceeded its tolerance.
+    Forward,
+}
+
+/// One problem found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Finding {
+    /// Kind.
+    pub kind: FindingKind,
+    /// Rank, when the finding is about one.
+    pub rank: Option<usize>,
+    /// Output (or source) tensor.
+    pub tensor: Option<String>,
+    /// File, when relevant.
+    pub file: Option<String>,
+    /// Index of the first differing element (multi-dimensional), when relevant.
+    pub element: Option<Vec<usize>>,
+    /// Human explanation.
+    pub message: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(r) = self.rank {
+            write!(f, "rank {r}: ")?;
+        }
+        if let Some(t) = &self.tensor {
+            write!(f, "{}: ", q(t))?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Options of [`verify`].
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    /// Run the cross-attention forward check.
+    pub forward: bool,
+    /// Decoder tokens for the forward check.
+    pub tokens: usize,
+    /// Encoder tokens for the forward check.
+    pub source_tokens: usize,
+    /// Seed of the random inputs.
+    pub seed: u64,
+}
+
+impl Default for VerifyOptions {
+    fn default() -> Self {
+        VerifyOptions { forward: true, tokens: 8, source_tokens: 12, seed: 0x5eed }
+    }
+}
+
+/// The result of [`verify`].
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    /// [`REPORT_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Whether every check held.
+    pub ok: bool,
+    /// Model family.
+    pub family: String,
+    /// Mapping used.
+    pub mapping: String,
+    /// Tensor-parallel size verified.
+    pub tp: usize,
+    /// Output files read.
+    pub files_checked: usize,
+    /// Output tensors compared.
+    pub tensors_checked: usize,
+    /// Bytes compared against the source (or checked zero).
+    pub bytes_compared: u64,
+    /// Whether a manifest was found and checked.
+    pub manifest_checked: bool,
+    /// Cross-attention forward results, one per layer.
+    pub forward: Vec<forward::LayerCheck>,
+    /// Every problem found.
+    pub findings: Vec<Finding>,
+}
+
+fn finding(kind: FindingKind, rank: Option<usize>, tensor: Option<&str>, message: String) -> Finding {
+    Finding { kind, rank, tensor: tensor.map(str::to_string), file: None, element: None, message }
+}
+
+/// Output files of one rank, by part.
+fn scan_out(out: &Path) -> Result<(BTreeMap<usize, Vec<(usize, String)>>, Vec<String>), VerifyError> {
+    let mut ranks: BTreeMap<usize, Vec<(usize, String)>> = BTreeMap::new();
+    let mut strays = Vec::new();
+    let rd = std::fs::read_dir(out).map_err(|source| VerifyError::Io { path: out.to_owned(), source })?;
+    for e in rd {
+        let e = e.map_err(|source| VerifyError::Io { path: out.to_owned(), source })?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let parsed = name
+            .strip_prefix("model-rank-")
+            .and_then(|s| s.strip_suffix(".safetensors"))
+            .and_then(|s| s.split_once("-part-"))
+            .and_then(|(r, p)| Some((r.parse::<usize>().ok()?, p.parse::<usize>().ok()?)));
+        match parsed {
+            Some((r, p)) => ranks.entry(r).or_default().push((p, name)),
+            None if checkpoint::is_weight_file(&name) => strays.push(name),
+            None => {}
+        }
+    }
+    for v in ranks.values_mut() {
+        v.sort();
+    }
+    Ok((ranks, strays))
+}
+
+/// Verifies `out` against the checkpoint and mapping of `src`.
+pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
+    let (meta, mapping) = src.load()?;
+    let resolved = plan::resolve(&meta, &mapping)?;
+    let (ranks, strays) = scan_out(out)?;
+    if ranks.is_empty() {
+        return Err(VerifyError::NoShards { dir: out.to_owned() }.into());
+    }
+    let mut findings = Vec::new();
+    let manifest: Option<Manifest> = match std::fs::read(out.join(MANIFEST_NAME)) {
+        Ok(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                findings.push(finding(FindingKind::Manifest, None, None, format!("{MANIFEST_NAME} is not valid: {e}")));
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let max_rank = *ranks.keys().last().expect("non-empty");
+    let tp = manifest.as_ref().map(|m| m.tp).unwrap_or(max_rank + 1);
+    for s in strays {
+        findings.push(Finding {
+            file: Some(s.clone()),
+            ..finding(FindingKind::Extra, None, None, format!("unexpected weight file {}", q(&s)))
+        });
+    }
+    for (&r, parts) in &ranks {
+        if r >= tp {
+            findings.push(finding(FindingKind::Extra, Some(r), None, format!("files for rank {r}, but tp is {tp}")));
+        }
+        for (i, (p, name)) in parts.iter().enumerate() {
+            if *p != i {
+                findings.push(Finding {
+                    file: Some(name.clone()),
+                    ..finding(
+                        FindingKind::BadFile,
+                        Some(r),
+                        None,
+                        format!("part numbers are not 0..n: found part {p} where {i} was expected"),
+                    )
+                });
+                break;
+            }
+        }
+    }
+    let plan = match resolved.plan(tp, plan::DEFAULT_MAX_PART_SIZE) {
+        Ok(p) => p,
+        Err(e) => {
+            findings.push(finding(
+                FindingKind::Shape,
+                None,
+                None,
+                format!("the output's tp {tp} is not valid for the source: {e}"),
+            ));
+            return Ok(report(&resolved, tp, findings, 0, 0, 0, manifest.is_some(), vec![]));
+        }
+    };
+    let ckpt = Checkpoint::open(meta)?;
+    findings.extend(check_aliases(&ckpt, &plan));
+    findings.extend(check_coverage(&ckpt.meta, &plan));
+    let empty = Vec::new();
+    let per_rank: Vec<RankResult> =
+        (0..tp).into_par_iter().map(|r| check_rank(&ckpt, &plan, out, r, ranks.get(&r).unwrap_or(&empty))).collect();
+    let (mut files, mut tensors, mut bytes) = (0, 0, 0);
+    for rr in per_rank {
+        files += rr.files;
+        tensors += rr.tensors;
+        bytes += rr.bytes;
+        findings.extend(rr.findings);
+    }
+    if let Some(m) = &manifest {
+        findings.extend(check_manifest(m, out, tp, &ranks, &mapping));
+    }
+    let mut layers = Vec::new();
+    if opts.forward && mapping.file.cross_attention.is_some() && findings.is_empty() {
+        let shards = open_ranks(out, tp, &ranks)?;
+        layers = forward::check_all(&ckpt, &mapping, &resolved.dims, &shards, opts)?;
+        for l in &layers {
+            if !l.passed {
+                findings.push(finding(
+                    FindingKind::Forward,
+                    None,
+                    Some(&l.module),
+                    format!("cross-attention output of the shards differs from the source's by {:.3e} (relative {:.3e} > {:.0e})", l.max_abs_err, l.max_rel_err, l.tolerance),
+                ));
+            }
+        }
+    }
+    Ok(report(&resolved, tp, findings, files, tensors, bytes, manifest.is_some(), layers))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    r: &Resolved,
+    tp: usize,
+    findings: Vec<Finding>,
+    files: usize,
+    tensors: usize,
+    bytes: u64,
+    manifest_checked: bool,
+    forward: Vec<forward::LayerCheck>,
+) -> VerifyReport {
+    VerifyReport {
+        format_version: REPORT_FORMAT_VERSION,
+        ok: findings.is_empty(),
+        family: r.family.clone(),
+        mapping: r.mapping.clone(),
+        tp,
+        files_checked: files,
+        tensors_checked: tensors,
+        bytes_compared: bytes,
+        manifest_checked,
+        forward,
+        findings,
+    }
+}
+
+/// Opens every rank's files as one checkpoint per rank (for the forward check).
+pub fn open_ranks(
+    out: &Path,
+    tp: usize,
+    ranks: &BTreeMap<usize, Vec<(usize, String)>>,
+) -> Result<Vec<Checkpoint>, Error> {
+    (0..tp)
+        .map(|r| {
+            let names: Vec<String> =
+                ranks.get(&r).map(|v| v.iter().map(|(_, n)| n.clone()).collect()).unwrap_or_default();
+            Ok(Checkpoint::open(open_meta(out, &names).map_err(|(_, e)| e)?)?)
+        })
+        .collect()
+}
+
+/// Reads the headers of `names` in `dir` as one checkpoint; on error, the failing file's name.
+fn open_meta(dir: &Path, names: &[String]) -> Result<CheckpointMeta, (String, crate::checkpoint::CheckpointError)> {
+    let mut files = Vec::new();
+    let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let path = dir.join(name);
+        let h = checkpoint::read_header(&path).map_err(|e| (name.clone(), e))?;
+        let size = std::fs::metadata(&path)
+            .map_err(|source| (name.clone(), crate::checkpoint::CheckpointError::Io { path: path.clone(), source }))?
+            .len();
+        for (n, t) in h.tensors {
+            if let Some(prev) = tensors.get(&n) {
+                let e = crate::checkpoint::CheckpointError::DuplicateTensor {
+                    tensor: n,
+                    a: names[prev.file].clone(),
+                    b: name.clone(),
+                };
+                return Err((name.clone(), e));
+            }
+            tensors.insert(n, TensorInfo { dtype: t.dtype, shape: t.shape, file: i, start: t.start, end: t.end });
+        }
+        files.push(SourceFile { name: name.clone(), path, size });
+    }
+    Ok(CheckpointMeta {
+        dir: dir.to_owned(),
+        config: serde_json::Value::Null,
+        config_path: PathBuf::new(),
+        files,
+        tensors,
+        extra_files: vec![],
+    })
+}
+
+struct RankResult {
+    files: usize,
+    tensors: usize,
+    bytes: u64,
+    findings: Vec<Finding>,
+}
+
+fn check_rank(ckpt: &Checkpoint, plan: &ShardPlan, out: &Path, rank: usize, parts: &[(usize, String)]) -> RankResult {
+    let mut rr = RankResult { files: parts.len(), tensors: 0, bytes: 0, findings: Vec::new() };
+    let names: Vec<String> = parts.iter().map(|(_, n)| n.clone()).collect();
+    if names.is_empty() {
+        rr.findings.push(finding(FindingKind::Missing, Some(rank), None, "no files for this rank".into()));
+        return rr;
+    }
+    let shard = match open_meta(out, &names).and_then(|m| Checkpoint::open(m).map_err(|e| (String::new(), e))) {
+        Ok(s) => s,
+        Err((file, e)) => {
+            rr.findings
+                .push(Finding { file: Some(file), ..finding(FindingKind::BadFile, Some(rank), None, e.to_string()) });
+            return rr;
+        }
+    };
+    let planned: Vec<&OutTensor> = plan.files.iter().filter(|f| f.rank == rank).flat_map(|f| &f.tensors).collect();
+    for t in &planned {
+        let Some(info) = shard.meta.tensors.get(&t.name) else {
+            rr.findings.push(finding(
+                FindingKind::Missing,
+                Some(rank),
+                Some(&t.name),
+                format!("missing ({} {})", t.dtype, crate::text::shape(&t.shape)),
+            ));
+            continue;
+        };
+        if info.dtype != t.dtype || info.shape != t.shape {
+            rr.findings.push(finding(
+                FindingKind::Shape,
+                Some(rank),
+                Some(&t.name),
+                format!(
+                    "is {} {}, expected {} {}",
+                    info.dtype,
+                    crate::text::shape(&info.shape),
+                    t.dtype,
+                    crate::text::shape(&t.shape)
+                ),
+            ));
+            continue;
+        }
+        rr.tensors += 1;
+        rr.bytes += t.nbytes;
+        let got = shard.bytes(info);
+        if let Some(f) = compare_tensor(ckpt, t, got) {
+            rr.findings.push(Finding { rank: Some(rank), file: Some(shard.meta.files[info.file].name.clone()), ..f });
+        }
+    }
+    for name in shard.meta.tensors.keys() {
+        if !planned.iter().any(|t| &t.name == name) {
+            rr.findings.push(finding(
+                FindingKind::Extra,
+                Some(rank),
+                Some(name),
+                "not part of the layout for this rank".into(),
+            ));
+        }
+    }
+    rr
+}
+
+/// Compares one output tensor with its pieces; the first difference, if any.
+fn compare_tensor(ckpt: &Checkpoint, t: &OutTensor, got: &[u8]) -> Option<Finding> {
+    let elem = t.dtype.size();
+    let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * elem;
+    for piece in &t.pieces {
+        match piece {
+            Piece::Copy { source, source_shape, dim, start, end, rows } => {
+                let src = ckpt.tensor_bytes(source).unwrap_or(&[]);
+                let mut at = rows[0] * row_bytes;
+                for (off, len) in byte_runs(source_shape, elem, *dim, *start, *end) {
+                    let (want, have) = (src.get(off..off + len), got.get(at..at + len));
+                    if want != have {
+                        let i = match (want, have) {
+                            (Some(w), Some(h)) => w.iter().zip(h).position(|(a, b)| a != b).unwrap_or(0),
+                            _ => 0,
+                        };
+                        let pos = at + i;
+                        let e = pos / elem;
+                        let value = |b: Option<&[u8]>, o: usize| {
+                            b.and_then(|b| b.get(o - o % elem..o - o % elem + elem)).map(|b| show(t.dtype, b))
+                        };
+                        let message = format!(
+                            "element {} differs from {}{} (expected {}, found {})",
+                            crate::text::shape(&unravel(e, &t.shape)),
+                            q(source),
+                            if *start == 0 && source_shape.get(*dim) == Some(end) {
+                                String::new()
+                            } else {
+                                format!("[{}{start}..{end}]", ":, ".repeat(*dim))
+                            },
+                            value(want, i).unwrap_or_else(|| "?".into()),
+                            value(have, i).unwrap_or_else(|| "?".into()),
+                        );
+                        return Some(Finding {
+                            element: Some(unravel(e, &t.shape)),
+                            ..finding(FindingKind::Mismatch, None, Some(&t.name), message)
+                        });
+                    }
+                    at += len;
+                }
+            }
+            Piece::Zeros { rows, reason } => {
+                let region = got.get(rows[0] * row_bytes..rows[1] * row_bytes).unwrap_or(&[]);
+                if let Some(i) = region.iter().position(|&b| b != 0) {
+                    let e = (rows[0] * row_bytes + i) / elem;
+                    let message = format!(
+                        "element {} should be zero ({reason}, rows {}..{}) but is {}",
+                        crate::text::shape(&unravel(e, &t.shape)),
+                        rows[0],
+                        rows[1],
+                        show(t.dtype, &got[e * elem..e * elem + elem])
+                    );
+                    return Some(Finding {
+                        element: Some(unravel(e, &t.shape)),
+                        ..finding(FindingKind::NonZero, None, Some(&t.name), message)
+                    });
+                }
+            }
+        }
+    }
+    None
+}
+
+fn show(dtype: Dtype, b: &[u8]) -> String {
+    match dtype::to_f32(dtype, b) {
+        Some(v) if v.len() == 1 => format!("{}", v[0]),
+        _ => format!("0x{}", b.iter().rev().map(|x| format!("{x:02x}")).collect::<String>()),
+    }
+}
+
+/// Flat element index -> multi-index.
+fn unravel(mut e: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (i, &d) in shape.iter().enumerate().rev() {
+        if d > 0 {
+            idx[i] = e % d;
+            e /= d;
+        }
+    }
+    idx
+}
+
+fn check_aliases(ckpt: &Checkpoint, plan: &ShardPlan) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for [alias, primary] in &plan.aliases {
+        let (a, p) = (ckpt.tensor_bytes(alias).unwrap_or(&[]), ckpt.tensor_bytes(primary).unwrap_or(&[]));
+        if a != p {
+            out.push(finding(
+                FindingKind::Alias,
+                None,
+                Some(alias),
+                format!("source copy differs from {} it is tied to", q(primary)),
+            ));
+        }
+    }
+    out
+}
+
+/// Every element of every source tensor must be copied somewhere (a plan property, checked at run
+/// time so that a wrong mapping cannot silently drop data).
+fn check_coverage(meta: &CheckpointMeta, plan: &ShardPlan) -> Vec<Finding> {
+    let mut covered: BTreeMap<&str, Vec<(usize, usize, usize)>> = BTreeMap::new();
+    for t in plan.files.iter().flat_map(|f| &f.tensors) {
+        for p in &t.pieces {
+            if let Piece::Copy { source, dim, start, end, .. } = p {
+                covered.entry(source).or_default().push((*dim, *start, *end));
+            }
+        }
+    }
+    let aliases: Vec<&str> = plan.aliases.iter().map(|[a, _]| a.as_str()).collect();
+    let mut out = Vec::new();
+    for (name, info) in &meta.tensors {
+        if aliases.contains(&name.as_str()) {
+            continue;
+        }
+        let Some(ranges) = covered.get_mut(name.as_str()) else {
+            out.push(finding(
+                FindingKind::Coverage,
+                None,
+                Some(name),
+                "no byte of this source tensor is written".into(),
+            ));
+            continue;
+        };
+        let dim = ranges[0].0;
+        let n = if info.shape.is_empty() {
+            1
+        } else if dim == 1 && info.shape.len() >= 2 {
+            info.shape[1]
+        } else {
+            info.shape[0]
+        };
+        ranges.sort_unstable();
+        let mut reach = 0;
+        for &(_, s, e) in ranges.iter() {
+            if s > reach {
+                break;
+            }
+            reach = reach.max(e);
+        }
+        if reach < n {
+            out.push(finding(
+                FindingKind::Coverage,
+                None,
+                Some(name),
+                format!("index {reach} of dim {dim} (size {n}) is written to no rank"),
+            ));
+        }
+    }
+    out
+}
+
+fn check_manifest(
+    m: &Manifest,
+    out: &Path,
+    tp: usize,
+    ranks: &BTreeMap<usize, Vec<(usize, String)>>,
+    mapping: &Mapping,
+) -> Vec<Finding> {
+    let mut f = Vec::new();
+    let mf = |msg: String| finding(FindingKind::Manifest, None, None, msg);
+    if m.tp != tp {
+        f.push(mf(format!("manifest says tp {}, files say {tp}", m.tp)));
+    }
+    if m.mapping_crc32 != mapping.digest {
+        f.push(mf(format!(
+            "manifest mapping {} (crc32 {:08x}) is not the mapping used now, {} (crc32 {:08x})",
+            q(&m.mapping),
+            m.mapping_crc32,
+            q(&mapping.origin),
+            mapping.digest
+        )));
+    }
+    let on_disk: Vec<&String> = ranks.values().flatten().map(|(_, n)| n).collect();
+    for e in m.files.iter().map(|x| &x.entry) {
+        let path = out.join(&e.name);
+        match crc_file(&path) {
+            Err(_) => f.push(Finding {
+                file: Some(e.name.clone()),
+                ..mf(format!("{} is listed in the manifest but missing", q(&e.name)))
+            }),
+            Ok((size, crc)) => {
+                let crc = format!("{crc:08x}");
+                if size != e.size || crc != e.crc32 {
+                    f.push(Finding {
+                        file: Some(e.name.clone()),
+                        ..mf(format!(
+                            "{}: size {size} crc32 {crc}, manifest says size {} crc32 {}",
+                            q(&e.name),
+                            e.size,
+                            e.crc32
+                        ))
+                    });
+                }
+            }
+        }
+    }
+    for n in on_disk {
+        if !m.files.iter().any(|x| &x.entry.name == n) {
+            f.push(Finding { file: Some(n.clone()), ..mf(format!("{} is not listed in the manifest", q(n))) });
+        }
+    }
+    f
+}
+
+/// Size and CRC-32 of a file, read in 1 MiB chunks.
+pub fn crc_file(path: &Path) -> std::io::Result<(u64, u32)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h = crc32fast::Hasher::new();
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            return Ok((n, h.finalize()));
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+}
