@@ -143,7 +143,7 @@ fn attend(
                 }
             })
             .collect();
-        for t in 0..q.len() {
+        for (t, crow) in ctx.iter_mut().enumerate() {
             let mut qv = head(q, t, h);
             if let Some((qn, _, eps)) = norms {
                 qv = rms(&qv, qn, eps);
@@ -155,7 +155,7 @@ fn attend(
             let z: f64 = e.iter().sum();
             for (s, p) in e.iter().enumerate() {
                 for d in 0..hd {
-                    ctx[t][h * hd + d] += p / z * v[s][kh * hd + d];
+                    crow[h * hd + d] += p / z * v[s][kh * hd + d];
                 }
             }
         }

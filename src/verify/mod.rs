@@ -146,8 +146,11 @@ fn finding(kind: FindingKind, rank: Option<usize>, tensor: Option<&str>, message
     Finding { kind, rank, tensor: tensor.map(str::to_string), file: None, element: None, message }
 }
 
-/// Output files of one rank, by part.
-fn scan_out(out: &Path) -> Result<(BTreeMap<usize, Vec<(usize, String)>>, Vec<String>), VerifyError> {
+/// Output file names by rank, as `(part, name)` sorted by part.
+pub type RankFiles = BTreeMap<usize, Vec<(usize, String)>>;
+
+/// The rank files of an output directory, and other weight files found there.
+fn scan_out(out: &Path) -> Result<(RankFiles, Vec<String>), VerifyError> {
     let mut ranks: BTreeMap<usize, Vec<(usize, String)>> = BTreeMap::new();
     let mut strays = Vec::new();
     let rd = std::fs::read_dir(out).map_err(|source| VerifyError::Io { path: out.to_owned(), source })?;
@@ -289,6 +292,16 @@ fn report(
     }
 }
 
+/// Opens an output directory as one checkpoint per rank, rank 0 first.
+pub fn open_output(out: &Path) -> Result<Vec<Checkpoint>, Error> {
+    let (ranks, _) = scan_out(out)?;
+    let tp = ranks.keys().last().map_or(0, |r| r + 1);
+    if tp == 0 {
+        return Err(VerifyError::NoShards { dir: out.to_owned() }.into());
+    }
+    open_ranks(out, tp, &ranks)
+}
+
 /// Opens every rank's files as one checkpoint per rank (for the forward check).
 pub fn open_ranks(
     out: &Path,
@@ -299,21 +312,22 @@ pub fn open_ranks(
         .map(|r| {
             let names: Vec<String> =
                 ranks.get(&r).map(|v| v.iter().map(|(_, n)| n.clone()).collect()).unwrap_or_default();
-            Ok(Checkpoint::open(open_meta(out, &names).map_err(|(_, e)| e)?)?)
+            let meta = open_meta(out, &names)
+                .map_err(|(file, msg)| VerifyError::Forward { msg: format!("{}: {msg}", q(&file)) })?;
+            Ok(Checkpoint::open(meta)?)
         })
         .collect()
 }
 
-/// Reads the headers of `names` in `dir` as one checkpoint; on error, the failing file's name.
-fn open_meta(dir: &Path, names: &[String]) -> Result<CheckpointMeta, (String, crate::checkpoint::CheckpointError)> {
+/// Reads the headers of `names` in `dir` as one checkpoint; on error, the failing file's name and
+/// the problem.
+fn open_meta(dir: &Path, names: &[String]) -> Result<CheckpointMeta, (String, String)> {
     let mut files = Vec::new();
     let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
     for (i, name) in names.iter().enumerate() {
         let path = dir.join(name);
-        let h = checkpoint::read_header(&path).map_err(|e| (name.clone(), e))?;
-        let size = std::fs::metadata(&path)
-            .map_err(|source| (name.clone(), crate::checkpoint::CheckpointError::Io { path: path.clone(), source }))?
-            .len();
+        let h = checkpoint::read_header(&path).map_err(|e| (name.clone(), e.to_string()))?;
+        let size = std::fs::metadata(&path).map_err(|e| (name.clone(), e.to_string()))?.len();
         for (n, t) in h.tensors {
             if let Some(prev) = tensors.get(&n) {
                 let e = crate::checkpoint::CheckpointError::DuplicateTensor {
@@ -321,7 +335,7 @@ fn open_meta(dir: &Path, names: &[String]) -> Result<CheckpointMeta, (String, cr
                     a: names[prev.file].clone(),
                     b: name.clone(),
                 };
-                return Err((name.clone(), e));
+                return Err((name.clone(), e.to_string()));
             }
             tensors.insert(n, TensorInfo { dtype: t.dtype, shape: t.shape, file: i, start: t.start, end: t.end });
         }
@@ -351,7 +365,9 @@ fn check_rank(ckpt: &Checkpoint, plan: &ShardPlan, out: &Path, rank: usize, part
         rr.findings.push(finding(FindingKind::Missing, Some(rank), None, "no files for this rank".into()));
         return rr;
     }
-    let shard = match open_meta(out, &names).and_then(|m| Checkpoint::open(m).map_err(|e| (String::new(), e))) {
+    let shard = match open_meta(out, &names)
+        .and_then(|m| Checkpoint::open(m).map_err(|e| (String::new(), e.to_string())))
+    {
         Ok(s) => s,
         Err((file, e)) => {
             rr.findings

@@ -154,6 +154,7 @@ fn json_summary() {
     let r = reshard(&[&"convert", &fixture("bart-tiny"), &"--tp", &"2", &"--out", &out, &"--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(v["files"].as_array().unwrap().len(), 2);
-    assert!(v["copied"].as_array().unwrap().iter().any(|c| c == "config.json"));
+    assert_eq!(v["written"]["files"].as_array().unwrap().len(), 2);
+    assert!(v["written"]["copied"].as_array().unwrap().iter().any(|c| c == "config.json"));
+    assert!(v["verify"].is_null());
 }

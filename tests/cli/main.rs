@@ -6,3 +6,4 @@ mod errors;
 mod families;
 mod plan;
 mod util;
+mod verify;
