@@ -20,6 +20,62 @@ pub enum Command {
     /// Prove an output bit-exact and complete against its source, and check the cross-attention
     /// forward numerically (exit 1 on any finding).
     Verify(VerifyArgs),
+    /// Run the cross-attention forward on a GPU, fused against split, with timings (needs a build
+    /// with `--features cuda`; exit 3 without a GPU).
+    Validate(ValidateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ValidateArgs {
+    /// The source checkpoint (with OUT; or use --shape).
+    #[arg(required_unless_present = "shape")]
+    pub source: Option<PathBuf>,
+    /// The output directory of `reshard convert`.
+    #[arg(required_unless_present = "shape")]
+    pub out: Option<PathBuf>,
+    /// A real model size with synthetic weights instead of a checkpoint.
+    #[arg(long, value_parser = ["bart-large", "whisper-large", "mllama-11b"], conflicts_with_all = ["source", "out"])]
+    pub shape: Option<String>,
+    /// Ranks of the split path for --shape.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub tp: u32,
+    /// Cross-attention layers to check: `all` or a comma-separated list of indices.
+    #[arg(long, default_value = "all")]
+    pub layers: String,
+    /// GEMM element type.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
+    /// Decoder tokens T.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub tokens: u32,
+    /// Encoder tokens S.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub source_tokens: u32,
+    /// Timed iterations after 5 warm-up runs (the median is reported).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100000))]
+    pub iters: u32,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// config.json to use (single-file SOURCE).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Mapping file to use instead of the bundled one.
+    #[arg(long)]
+    pub mapping: Option<PathBuf>,
+}
+
+/// Parses `all` or `1,3,5`.
+pub fn parse_layers(s: &str) -> Result<Option<Vec<usize>>, String> {
+    if s == "all" {
+        return Ok(None);
+    }
+    s.split(',')
+        .map(|p| {
+            p.trim().parse::<usize>().map_err(|_| format!("--layers: `{p}` is not a layer index (use `all` or `1,3`)"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 #[derive(Args, Debug)]

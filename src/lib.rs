@@ -22,6 +22,7 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod exit_code;
+pub mod gpu;
 pub mod mapping;
 pub mod plan;
 pub mod text;
@@ -48,6 +49,8 @@ pub enum Error {
     Write(#[from] WriteError),
     #[error(transparent)]
     Verify(#[from] verify::VerifyError),
+    #[error(transparent)]
+    Gpu(#[from] gpu::GpuError),
     #[error("verification of the new output failed ({} finding(s)); nothing was written to --out{}", .0.findings.len(), .0.findings.iter().take(10).map(|f| format!("\n  {f}")).collect::<String>())]
     VerifyFailed(Box<verify::VerifyReport>),
 }
@@ -61,6 +64,7 @@ impl Error {
             Error::Write(_) => exit_code::OUTPUT_FAILED,
             Error::Verify(_) => exit_code::BAD_INPUT,
             Error::VerifyFailed(_) => exit_code::CHECK_FAILED,
+            Error::Gpu(_) => exit_code::GPU_UNAVAILABLE,
         }
     }
 }

@@ -47,6 +47,16 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Erro
             };
             Ok((printed, exit_code::OK))
         }
+        Command::Validate(a) => {
+            let job = validate_job(a)?;
+            let json = job.1;
+            let report = reshard::gpu::run(&job.0)?;
+            let printed = if json { output::print_json(out, &report) } else { output::print_validate(out, &report) };
+            if !report.ok {
+                eprintln!("error: GPU validation failed: a result is outside its tolerance");
+            }
+            Ok((printed, if report.ok { exit_code::OK } else { exit_code::CHECK_FAILED }))
+        }
         Command::Verify(a) => {
             let src = Source { input: a.source, config: a.config, mapping: a.mapping };
             let report = reshard::verify::verify(&src, &a.out, &a.check.options())?;
@@ -57,6 +67,30 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Erro
             Ok((printed, if report.ok { exit_code::OK } else { exit_code::CHECK_FAILED }))
         }
     }
+}
+
+fn validate_job(a: cli::ValidateArgs) -> Result<(reshard::gpu::ValidateJob, bool), Error> {
+    use reshard::gpu::{problem::Preset, GpuDtype, GpuError, ValidateInput, ValidateJob, ValidateOptions};
+    let layers = cli::parse_layers(&a.layers).map_err(GpuError::Setup)?;
+    let input = match (a.shape.as_deref().and_then(Preset::parse), a.source, a.out) {
+        (Some(preset), _, _) => ValidateInput::Synthetic { preset, tp: a.tp as usize },
+        (None, Some(input), Some(out)) => {
+            ValidateInput::Checkpoint { src: Source { input, config: a.config, mapping: a.mapping }, out, layers }
+        }
+        _ => return Err(GpuError::Setup("give SOURCE and OUT, or --shape".into()).into()),
+    };
+    let dtype = if a.dtype == "bf16" { GpuDtype::Bf16 } else { GpuDtype::F32 };
+    let options = ValidateOptions { dtype, iters: a.iters as usize };
+    Ok((
+        ValidateJob {
+            input,
+            options,
+            tokens: a.tokens as usize,
+            source_tokens: a.source_tokens as usize,
+            seed: 0x5eed,
+        },
+        a.json,
+    ))
 }
 
 fn main() -> ExitCode {

@@ -134,6 +134,40 @@ pub fn print_verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
     }
 }
 
+/// Writes the human validate report.
+pub fn print_validate(w: &mut impl Write, r: &reshard::gpu::ValidateReport) -> io::Result<()> {
+    let tol = r.problems.first().map_or(0.0, |p| p.tolerance);
+    writeln!(
+        w,
+        "device {}, GEMMs in {:?}, tolerance {tol:.0e} (max abs error / max |f64 reference|)",
+        r.device, r.dtype
+    )?;
+    writeln!(
+        w,
+        "{:<46} {:>3} {:>5} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9} {:>6} {:>6}  result",
+        "problem", "tp", "T", "S", "fused/ref", "split/ref", "fused/split", "fused ms", "split ms", "time", "flops"
+    )?;
+    for p in &r.problems {
+        writeln!(
+            w,
+            "{:<46} {:>3} {:>5} {:>5} {:>10.2e} {:>10.2e} {:>10.2e} {:>9.4} {:>9.4} {:>6.3} {:>6.3}  {}",
+            p.label,
+            p.tp,
+            p.tokens,
+            p.source_tokens,
+            p.fused_vs_reference.max_rel,
+            p.split_vs_reference.max_rel,
+            p.fused_vs_split.max_rel,
+            p.fused_ms,
+            p.split_ms,
+            p.time_ratio,
+            p.flop_ratio,
+            if p.passed { "ok" } else { "FAILED" }
+        )?;
+    }
+    writeln!(w, "time = split/fused median projection GEMM time; flops = split/fused projection FLOPs")
+}
+
 /// Writes the human summary of a conversion.
 pub fn print_written(
     w: &mut impl Write,

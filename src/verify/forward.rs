@@ -47,11 +47,63 @@ pub struct Mat<'a> {
     pub cols: usize,
 }
 
-impl<'a> Mat<'a> {
+/// A matrix whose rows can be read as f64 (a memory-mapped tensor, or one in host memory).
+pub trait RowSource: Sync {
+    /// Row `i`.
+    fn row(&self, i: usize) -> Vec<f64>;
+}
+
+impl RowSource for Mat<'_> {
     fn row(&self, i: usize) -> Vec<f64> {
         let w = self.cols * self.dtype.size();
         let b = &self.bytes[i * w..(i + 1) * w];
         dtype::to_f32(self.dtype, b).unwrap_or_default().into_iter().map(f64::from).collect()
+    }
+}
+
+/// A row-major f32 matrix in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostMat {
+    /// Rows.
+    pub rows: usize,
+    /// Columns.
+    pub cols: usize,
+    /// `rows * cols` values.
+    pub data: Vec<f32>,
+}
+
+impl HostMat {
+    /// Rows `a..b` as a new matrix.
+    pub fn rows_range(&self, a: usize, b: usize) -> HostMat {
+        HostMat { rows: b - a, cols: self.cols, data: self.data[a * self.cols..b * self.cols].to_vec() }
+    }
+
+    /// Columns `a..b` as a new matrix.
+    pub fn cols_range(&self, a: usize, b: usize) -> HostMat {
+        let data =
+            (0..self.rows).flat_map(|r| self.data[r * self.cols + a..r * self.cols + b].iter().copied()).collect();
+        HostMat { rows: self.rows, cols: b - a, data }
+    }
+
+    /// Rows of several matrices stacked.
+    pub fn stack(parts: &[&HostMat]) -> HostMat {
+        let cols = parts[0].cols;
+        HostMat {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            data: parts.iter().flat_map(|p| p.data.iter().copied()).collect(),
+        }
+    }
+
+    /// The f64 activations of this matrix.
+    pub fn act(&self) -> Act {
+        self.data.chunks(self.cols.max(1)).map(|r| r.iter().map(|&v| v as f64).collect()).collect()
+    }
+}
+
+impl RowSource for HostMat {
+    fn row(&self, i: usize) -> Vec<f64> {
+        self.data[i * self.cols..(i + 1) * self.cols].iter().map(|&v| v as f64).collect()
     }
 }
 
@@ -84,6 +136,22 @@ fn mat<'a>(c: &'a Checkpoint, mapping: Option<&Mapping>, name: &str) -> Result<M
     Ok(Mat { bytes, dtype, rows: shape[0], cols: shape[1] })
 }
 
+/// A 2-d float tensor as a host f32 matrix.
+pub fn host_mat(c: &Checkpoint, mapping: Option<&Mapping>, name: &str) -> Result<HostMat, Error> {
+    let m = mat(c, mapping, name)?;
+    let data = dtype::to_f32(m.dtype, m.bytes).unwrap_or_default();
+    Ok(HostMat { rows: m.rows, cols: m.cols, data })
+}
+
+/// A tensor as a host f32 vector; `None` when no name is given or the tensor is absent.
+pub fn host_vec(c: &Checkpoint, mapping: Option<&Mapping>, name: Option<&str>) -> Result<Option<Vec<f32>>, Error> {
+    let Some(name) = name else { return Ok(None) };
+    let Some((bytes, dtype, _)) = get(c, mapping, name) else { return Ok(None) };
+    dtype::to_f32(dtype, bytes)
+        .map(Some)
+        .ok_or_else(|| forward_err(format!("tensor {} is {dtype}, not a float type", q(name))))
+}
+
 fn vector(
     c: &Checkpoint,
     mapping: Option<&Mapping>,
@@ -99,22 +167,22 @@ fn vector(
     Ok(Some(v))
 }
 
-/// `x W^T + b` for W rows `rows` (all when `None`).
-fn linear(x: &Act, w: &Mat, rows: std::ops::Range<usize>, b: Option<&[f64]>) -> Act {
-    let mut out = vec![vec![0.0; rows.len()]; x.len()];
-    for (j, o) in rows.clone().enumerate() {
-        let wr = w.row(o);
-        for (t, xt) in x.iter().enumerate() {
-            let s: f64 = xt.iter().zip(&wr).map(|(a, b)| a * b).sum();
-            out[t][j] = s + b.map_or(0.0, |b| b[o]);
-        }
-    }
-    out
+/// `x W^T + b` over W rows `rows`; the bias is indexed by absolute row. Parallel over rows.
+pub fn linear(x: &Act, w: &dyn RowSource, rows: std::ops::Range<usize>, b: Option<&[f64]>) -> Act {
+    use rayon::prelude::*;
+    let cols: Vec<Vec<f64>> = rows
+        .into_par_iter()
+        .map(|o| {
+            let wr = w.row(o);
+            x.iter().map(|xt| xt.iter().zip(&wr).map(|(a, b)| a * b).sum::<f64>() + b.map_or(0.0, |b| b[o])).collect()
+        })
+        .collect();
+    (0..x.len()).map(|t| cols.iter().map(|c| c[t]).collect()).collect()
 }
 
-/// Attention core: q [T][h*hd], k/v [S][kvh*hd] -> context [T][h*hd].
-#[allow(clippy::too_many_arguments)]
-fn attend(
+/// Attention core: q [T][h*hd], k/v [S][kvh*hd] -> context [T][h*hd]; `norms` = per-head
+/// RMSNorm weights of q and k and the epsilon.
+pub fn attend(
     q: &Act,
     k: &Act,
     v: &Act,

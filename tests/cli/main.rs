@@ -4,6 +4,7 @@ mod contract;
 mod convert;
 mod errors;
 mod families;
+mod gpu_cli;
 mod plan;
 mod util;
 mod verify;
