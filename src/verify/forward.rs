@@ -180,7 +180,7 @@ pub fn linear(x: &Act, w: &dyn RowSource, rows: std::ops::Range<usize>, b: Optio
     (0..x.len()).map(|t| cols.iter().map(|c| c[t]).collect()).collect()
 }
 
-/// Attention core: q [T][h*hd], k/v [S][kvh*hd] -> context [T][h*hd]; `norms` = per-head
+/// Attention core: q `[T][h*hd]`, k/v `[S][kvh*hd]` -> context `[T][h*hd]`; `norms` = per-head
 /// RMSNorm weights of q and k and the epsilon.
 pub fn attend(
     q: &Act,
