@@ -14,7 +14,7 @@
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Seek, Write};
 use std::path::Path;
 
 type Tensors = Vec<(String, Vec<usize>)>;
@@ -24,7 +24,8 @@ fn u(c: &Value, k: &str) -> usize {
 }
 
 fn bart(c: &Value) -> Tensors {
-    let (d, ffn, v, pos) = (u(c, "d_model"), u(c, "encoder_ffn_dim"), u(c, "vocab_size"), u(c, "max_position_embeddings") + 2);
+    let (d, ffn, v, pos) =
+        (u(c, "d_model"), u(c, "encoder_ffn_dim"), u(c, "vocab_size"), u(c, "max_position_embeddings") + 2);
     let mut t: Tensors = vec![("model.shared.weight".into(), vec![v, d]), ("final_logits_bias".into(), vec![1, v])];
     for side in ["encoder", "decoder"] {
         let n = u(c, &format!("{side}_layers"));
@@ -96,9 +97,16 @@ fn whisper(c: &Value) -> Tensors {
 fn mllama(c: &Value) -> Tensors {
     let tc = |k: &str| u(c, &format!("text_config.{k}"));
     let vc = |k: &str| u(c, &format!("vision_config.{k}"));
-    let (h, heads, kv, inter, vocab) = (tc("hidden_size"), tc("num_attention_heads"), tc("num_key_value_heads"), tc("intermediate_size"), tc("vocab_size"));
+    let (h, heads, kv, inter, vocab) = (
+        tc("hidden_size"),
+        tc("num_attention_heads"),
+        tc("num_key_value_heads"),
+        tc("intermediate_size"),
+        tc("vocab_size"),
+    );
     let hd = h / heads;
-    let cross: Vec<u64> = c["text_config"]["cross_attention_layers"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let cross: Vec<u64> =
+        c["text_config"]["cross_attention_layers"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     let mut t: Tensors = vec![
         ("language_model.model.embed_tokens.weight".into(), vec![vocab + 8, h]),
         ("language_model.model.norm.weight".into(), vec![h]),
@@ -194,7 +202,7 @@ fn write_file(path: &Path, tensors: &[(String, Vec<usize>)], dtype: &str, elem: 
     w.write_all(h.as_bytes()).unwrap();
     if sparse {
         let mut f = w.into_inner().unwrap();
-        let end = f.seek(SeekFrom::Current(0)).unwrap() + off as u64;
+        let end = f.stream_position().unwrap() + off as u64;
         f.set_len(end).unwrap();
         return;
     }
@@ -223,17 +231,22 @@ fn main() {
         eprintln!("{usage}");
         std::process::exit(2);
     };
-    let flag = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).map(|v| v.parse::<usize>().expect("number"));
+    let flag = |f: &str| {
+        args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).map(|v| v.parse::<usize>().expect("number"))
+    };
     let sparse = args.iter().any(|a| a == "--sparse");
     let cfg_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/configs").join(format!("{name}.json"));
-    let mut c: Value = serde_json::from_slice(&std::fs::read(&cfg_path).unwrap_or_else(|e| panic!("{}: {e}", cfg_path.display()))).unwrap();
+    let mut c: Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap_or_else(|e| panic!("{}: {e}", cfg_path.display())))
+            .unwrap();
     let (tensors, dtype, elem) = match c["model_type"].as_str().unwrap() {
         "bart" => (bart(&c), "F32", 4),
         "whisper" => (whisper(&c), "F16", 2),
         "mllama" => {
             if let Some(n) = flag("--text-layers") {
                 let orig = c["text_config"]["cross_attention_layers"].as_array().unwrap().len();
-                let cross: Vec<usize> = (0..orig.min(n / 2).max(1)).map(|k| (k * n / orig.min(n / 2).max(1) + 1).min(n - 1)).collect();
+                let cross: Vec<usize> =
+                    (0..orig.min(n / 2).max(1)).map(|k| (k * n / orig.min(n / 2).max(1) + 1).min(n - 1)).collect();
                 c["text_config"]["num_hidden_layers"] = json!(n);
                 c["text_config"]["cross_attention_layers"] = json!(cross);
             }
@@ -279,5 +292,11 @@ fn main() {
         let idx = json!({"metadata": {"total_size": total}, "weight_map": map});
         std::fs::write(out.join("model.safetensors.index.json"), serde_json::to_string_pretty(&idx).unwrap()).unwrap();
     }
-    eprintln!("{}: {} tensors, {:.2} GB of {dtype}{}", out.display(), groups.iter().map(Vec::len).sum::<usize>(), total as f64 / 1e9, if sparse { " (sparse)" } else { "" });
+    eprintln!(
+        "{}: {} tensors, {:.2} GB of {dtype}{}",
+        out.display(),
+        groups.iter().map(Vec::len).sum::<usize>(),
+        total as f64 / 1e9,
+        if sparse { " (sparse)" } else { "" }
+    );
 }

@@ -137,9 +137,24 @@ pub struct SourceArgs {
     /// Cap on tensor data per output file, e.g. 5GiB, 500MB, 1048576.
     #[arg(long, default_value = "5GiB", value_parser = parse_size)]
     pub max_part_size: u64,
+    /// Cast floating-point tensors to this dtype while converting (integer tensors are kept).
+    #[arg(long, value_parser = ["bf16", "f16", "f32"])]
+    pub dtype: Option<String>,
     /// Print JSON on stdout instead of a human report.
     #[arg(long)]
     pub json: bool,
+}
+
+impl SourceArgs {
+    pub fn plan_options(&self) -> reshard::plan::PlanOptions {
+        use reshard::dtype::Dtype;
+        let dtype = self.dtype.as_deref().map(|d| match d {
+            "bf16" => Dtype::BF16,
+            "f16" => Dtype::F16,
+            _ => Dtype::F32,
+        });
+        reshard::plan::PlanOptions { tp: self.tp as usize, max_part_size: self.max_part_size, dtype }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -190,6 +205,34 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err("must be at least 1 byte".into());
     }
     Ok(v)
+}
+
+impl ValidateArgs {
+    /// The library job, and whether to print JSON.
+    pub fn job(self) -> Result<(reshard::gpu::ValidateJob, bool), reshard::Error> {
+        use reshard::gpu::{problem::Preset, GpuDtype, GpuError, ValidateInput, ValidateJob, ValidateOptions};
+        let a = self;
+        let layers = parse_layers(&a.layers).map_err(GpuError::Setup)?;
+        let input = match (a.shape.as_deref().and_then(Preset::parse), a.source, a.out) {
+            (Some(preset), _, _) => ValidateInput::Synthetic { preset, tp: a.tp as usize },
+            (None, Some(input), Some(out)) => ValidateInput::Checkpoint {
+                src: reshard::Source { input, config: a.config, mapping: a.mapping },
+                out,
+                layers,
+            },
+            _ => return Err(GpuError::Setup("give SOURCE and OUT, or --shape".into()).into()),
+        };
+        let dtype = if a.dtype == "bf16" { GpuDtype::Bf16 } else { GpuDtype::F32 };
+        let options = ValidateOptions { dtype, iters: a.iters as usize };
+        let job = ValidateJob {
+            input,
+            options,
+            tokens: a.tokens as usize,
+            source_tokens: a.source_tokens as usize,
+            seed: 0x5eed,
+        };
+        Ok((job, a.json))
+    }
 }
 
 #[cfg(test)]

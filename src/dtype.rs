@@ -120,9 +120,80 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     })
 }
 
+/// Whether `cast` applies to tensors of `dtype` (float tensors are cast; others are kept).
+pub fn castable(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
+}
+
+/// Appends the little-endian elements of `bytes` (of `src`) converted to `dst` to `out`.
+///
+/// Conversion goes through f32 with round-to-nearest-even (the `half` crate's slice conversions),
+/// so it is deterministic: `verify` recomputes it and compares bytes. `src` and `dst` must be
+/// float types; F64 is narrowed to f32 first.
+pub fn cast_into(src: Dtype, bytes: &[u8], dst: Dtype, out: &mut Vec<u8>) {
+    use half::slice::HalfFloatSliceExt;
+    if src == dst {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    let wide: Vec<f32> = match src {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F64 => {
+            bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
+        }
+        Dtype::F16 => {
+            let h: Vec<half::f16> =
+                bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
+            let mut w = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut w);
+            w
+        }
+        Dtype::BF16 => {
+            let h: Vec<half::bf16> =
+                bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
+            let mut w = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut w);
+            w
+        }
+        _ => return out.extend_from_slice(bytes),
+    };
+    match dst {
+        Dtype::F32 => out.extend(wide.iter().flat_map(|v| v.to_le_bytes())),
+        Dtype::F16 => {
+            let mut h = vec![half::f16::ZERO; wide.len()];
+            h.convert_from_f32_slice(&wide);
+            out.extend(h.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+        }
+        Dtype::BF16 => {
+            let mut h = vec![half::bf16::ZERO; wide.len()];
+            h.convert_from_f32_slice(&wide);
+            out.extend(h.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+        }
+        Dtype::F64 => out.extend(wide.iter().flat_map(|v| (*v as f64).to_le_bytes())),
+        _ => out.extend_from_slice(bytes),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn casts_round_to_nearest_even() {
+        let src: Vec<u8> = [1.0f32, 1.0 + 1.0 / 256.0, -2.5e-3, 65504.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        cast_into(Dtype::F32, &src, Dtype::BF16, &mut out);
+        let back = to_f32(Dtype::BF16, &out).unwrap();
+        assert_eq!(back[0], 1.0);
+        assert_eq!(back[1], 1.0, "1 + 2^-8 is a tie and rounds to even");
+        assert!((back[2] + 2.5e-3).abs() < 1e-5);
+        let mut h = Vec::new();
+        cast_into(Dtype::F32, &src, Dtype::F16, &mut h);
+        assert_eq!(to_f32(Dtype::F16, &h).unwrap()[3], 65504.0);
+        let mut w = Vec::new();
+        cast_into(Dtype::BF16, &out, Dtype::F32, &mut w);
+        assert_eq!(to_f32(Dtype::F32, &w).unwrap(), back);
+    }
 
     #[test]
     fn names_round_trip() {

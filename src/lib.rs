@@ -8,9 +8,9 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), reshard::Error> {
-//! use reshard::{Source, plan::DEFAULT_MAX_PART_SIZE};
+//! use reshard::{Source, plan::PlanOptions};
 //! let src = Source::new("fixtures/bart-tiny");
-//! let (_meta, plan) = reshard::make_plan(&src, 2, DEFAULT_MAX_PART_SIZE)?;
+//! let (_meta, plan) = reshard::make_plan(&src, &PlanOptions::new(2))?;
 //! for f in &plan.files {
 //!     println!("{} holds {} tensors", f.name, f.tensors.len());
 //! }
@@ -98,9 +98,9 @@ impl Source {
 }
 
 /// Reads the checkpoint and plans a conversion to `tp` ranks.
-pub fn make_plan(src: &Source, tp: usize, max_part_size: u64) -> Result<(CheckpointMeta, ShardPlan), Error> {
+pub fn make_plan(src: &Source, opts: &plan::PlanOptions) -> Result<(CheckpointMeta, ShardPlan), Error> {
     let (meta, mapping) = src.load()?;
-    let plan = plan::plan(&meta, &mapping, tp, max_part_size)?;
+    let plan = plan::plan(&meta, &mapping, opts)?;
     Ok((meta, plan))
 }
 
@@ -108,11 +108,10 @@ pub fn make_plan(src: &Source, tp: usize, max_part_size: u64) -> Result<(Checkpo
 /// byte is written: the plan, `--out`, and tied copies in the source.
 pub fn convert(
     src: &Source,
-    tp: usize,
-    max_part_size: u64,
+    plan_opts: &plan::PlanOptions,
     opts: &WriteOptions,
 ) -> Result<(ShardPlan, WriteSummary), Error> {
-    let (meta, plan) = make_plan(src, tp, max_part_size)?;
+    let (meta, plan) = make_plan(src, plan_opts)?;
     let (summary, _) = execute(meta, &plan, opts, None)?;
     Ok((plan, summary))
 }

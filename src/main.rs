@@ -17,7 +17,7 @@ fn source(a: &SourceArgs) -> Source {
 fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Error> {
     match cli.command {
         Command::Plan(a) => {
-            let (_, plan) = reshard::make_plan(&source(&a.source), a.source.tp as usize, a.source.max_part_size)?;
+            let (_, plan) = reshard::make_plan(&source(&a.source), &a.source.plan_options())?;
             let printed = if a.source.json { output::print_json(out, &plan) } else { output::print_plan(out, &plan) };
             Ok((printed, exit_code::OK))
         }
@@ -34,7 +34,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Erro
                 .expect("static template"),
             );
             let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n) };
-            let (meta, plan) = reshard::make_plan(&source(s), s.tp as usize, s.max_part_size)?;
+            let (meta, plan) = reshard::make_plan(&source(s), &s.plan_options())?;
             bar.set_length(plan.output_bytes());
             let vopts = a.check.options();
             let src = source(s);
@@ -48,7 +48,7 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Erro
             Ok((printed, exit_code::OK))
         }
         Command::Validate(a) => {
-            let job = validate_job(a)?;
+            let job = a.job()?;
             let json = job.1;
             let report = reshard::gpu::run(&job.0)?;
             let printed = if json { output::print_json(out, &report) } else { output::print_validate(out, &report) };
@@ -69,34 +69,14 @@ fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Erro
     }
 }
 
-fn validate_job(a: cli::ValidateArgs) -> Result<(reshard::gpu::ValidateJob, bool), Error> {
-    use reshard::gpu::{problem::Preset, GpuDtype, GpuError, ValidateInput, ValidateJob, ValidateOptions};
-    let layers = cli::parse_layers(&a.layers).map_err(GpuError::Setup)?;
-    let input = match (a.shape.as_deref().and_then(Preset::parse), a.source, a.out) {
-        (Some(preset), _, _) => ValidateInput::Synthetic { preset, tp: a.tp as usize },
-        (None, Some(input), Some(out)) => {
-            ValidateInput::Checkpoint { src: Source { input, config: a.config, mapping: a.mapping }, out, layers }
-        }
-        _ => return Err(GpuError::Setup("give SOURCE and OUT, or --shape".into()).into()),
-    };
-    let dtype = if a.dtype == "bf16" { GpuDtype::Bf16 } else { GpuDtype::F32 };
-    let options = ValidateOptions { dtype, iters: a.iters as usize };
-    Ok((
-        ValidateJob {
-            input,
-            options,
-            tokens: a.tokens as usize,
-            source_tokens: a.source_tokens as usize,
-            seed: 0x5eed,
-        },
-        a.json,
-    ))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = std::io::stdout();
-    match run(cli, &mut stdout.lock()) {
+    let result = run(cli, &mut stdout.lock());
+    if std::env::var_os("RESHARD_CRASH_COUNT").is_some() {
+        eprintln!("crash points: {}", reshard::write::crash_points_passed());
+    }
+    match result {
         Ok((Ok(()), code)) => ExitCode::from(code),
         // A closed pipe (`reshard plan ... | head`) is not an error.
         Ok((Err(e), code)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(code),

@@ -27,23 +27,34 @@ impl Index {
     }
 }
 
-/// Reads `path` and checks that every file it names is a relative path inside `dir` that exists.
-///
-/// The check is on the names as written: `../x` and `/abs/x` are refused, while a plain name that is
-/// a symlink (the Hugging Face cache keeps snapshot files as links into `blobs/`) is followed.
-pub fn read_index(path: &Path, dir: &Path) -> Result<Index, CheckpointError> {
-    let text = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_owned(), source })?;
-    let de = &mut serde_json::Deserializer::from_slice(&text);
+/// Whether an index's file name is a relative path that stays inside the checkpoint directory
+/// (no `..`, no root, not empty). The check is on the name as written: a plain name that is a
+/// symlink (the Hugging Face cache keeps snapshot files as links into `blobs/`) is fine.
+pub fn is_inside(file: &str) -> bool {
+    !file.is_empty() && !file.contains('\0') && Path::new(file).components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Parses index JSON (`path` only names it in errors) and checks every file name with [`is_inside`].
+pub fn parse_index(text: &[u8], path: &Path) -> Result<Index, CheckpointError> {
+    let de = &mut serde_json::Deserializer::from_slice(text);
     let index: Index = serde_path_to_error::deserialize(de).map_err(|e| CheckpointError::Json {
         path: path.to_owned(),
         msg: format!("at `{}`: {}", e.path(), e.inner()),
     })?;
     for file in index.files() {
-        let p = Path::new(&file);
-        let inside = !file.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
-        if !inside {
+        if !is_inside(&file) {
             return Err(CheckpointError::IndexEscapes { index: path.to_owned(), file });
         }
+    }
+    Ok(index)
+}
+
+/// Reads `path` and checks that every file it names is a relative path inside `dir` that exists.
+pub fn read_index(path: &Path, dir: &Path) -> Result<Index, CheckpointError> {
+    let text = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_owned(), source })?;
+    let index = parse_index(&text, path)?;
+    for file in index.files() {
+        let p = Path::new(&file);
         if !dir.join(p).is_file() {
             return Err(CheckpointError::IndexMissingFile { index: path.to_owned(), file });
         }

@@ -9,6 +9,7 @@ pub struct Checkpoint {
     /// The metadata the maps were checked against.
     pub meta: CheckpointMeta,
     maps: Vec<Mmap>,
+    files: Vec<File>,
 }
 
 impl Checkpoint {
@@ -18,6 +19,7 @@ impl Checkpoint {
     /// file replaced or truncated between `read` and `open` is an error, not an out-of-bounds read.
     pub fn open(meta: CheckpointMeta) -> Result<Self, CheckpointError> {
         let mut maps = Vec::with_capacity(meta.files.len());
+        let mut files = Vec::with_capacity(meta.files.len());
         for f in &meta.files {
             let io = |source| CheckpointError::Io { path: f.path.clone(), source };
             let file = File::open(&f.path).map_err(io)?;
@@ -36,13 +38,24 @@ impl Checkpoint {
             // Parallel readers are much faster with WillNeed than with Sequential (crates.md).
             let _ = map.advise(Advice::WillNeed);
             maps.push(map);
+            files.push(file);
         }
-        Ok(Checkpoint { meta, maps })
+        Ok(Checkpoint { meta, maps, files })
     }
 
     /// The data bytes of a tensor. The range was validated when the header was parsed.
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
         self.maps.get(t.file).and_then(|m| m.get(t.start as usize..t.end as usize)).unwrap_or(&[])
+    }
+
+    /// All bytes of source file `i` (mapped).
+    pub fn file_bytes(&self, i: usize) -> &[u8] {
+        self.maps.get(i).map(|m| &m[..]).unwrap_or(&[])
+    }
+
+    /// The open source file `i` (for in-kernel copies).
+    pub fn file(&self, i: usize) -> &File {
+        &self.files[i]
     }
 
     /// The data bytes of a tensor by name.

@@ -202,6 +202,24 @@ pub struct FilePlan {
     pub tensors: Vec<OutTensor>,
 }
 
+/// What to plan for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Tensor-parallel size.
+    pub tp: usize,
+    /// Cap on tensor data per output file.
+    pub max_part_size: u64,
+    /// Cast float tensors to this dtype (`None`: keep each tensor's dtype).
+    pub dtype: Option<Dtype>,
+}
+
+impl PlanOptions {
+    /// `tp` ranks, the default part size, no cast.
+    pub fn new(tp: usize) -> PlanOptions {
+        PlanOptions { tp, max_part_size: DEFAULT_MAX_PART_SIZE, dtype: None }
+    }
+}
+
 /// The plan: every output file of every rank.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardPlan {
@@ -217,6 +235,8 @@ pub struct ShardPlan {
     pub tp: usize,
     /// Cap on tensor data per file.
     pub max_part_size: u64,
+    /// Float tensors cast to this dtype (`null`: as in the source).
+    pub dtype: Option<Dtype>,
     /// Total bytes of source tensor data.
     pub source_bytes: u64,
     /// `[alias, primary]` source tensors checked byte-identical and not written.
@@ -596,7 +616,8 @@ impl Resolved {
     }
 
     /// Expands every parameter for every rank and assigns tensors to parts.
-    pub fn plan(&self, tp: usize, max_part_size: u64) -> Result<ShardPlan, PlanError> {
+    pub fn plan(&self, opts: &PlanOptions) -> Result<ShardPlan, PlanError> {
+        let PlanOptions { tp, max_part_size, dtype: cast } = *opts;
         if max_part_size == 0 {
             return Err(PlanError::ZeroPartSize);
         }
@@ -608,11 +629,15 @@ impl Resolved {
             let mut tensors: Vec<OutTensor> = Vec::new();
             for p in &self.params {
                 let (shape, pieces) = expand(p, tp, rank);
-                let nbytes = shape.iter().product::<usize>() as u64 * p.dtype.size() as u64;
+                let dtype = match cast {
+                    Some(c) if crate::dtype::castable(p.dtype) => c,
+                    _ => p.dtype,
+                };
+                let nbytes = shape.iter().product::<usize>() as u64 * dtype.size() as u64;
                 for name in &p.targets {
                     tensors.push(OutTensor {
                         name: name.clone(),
-                        dtype: p.dtype,
+                        dtype,
                         shape: shape.clone(),
                         split: p.layout.name().to_string(),
                         nbytes,
@@ -642,6 +667,7 @@ impl Resolved {
             mapping_crc32: self.mapping_crc32,
             tp,
             max_part_size,
+            dtype: cast,
             source_bytes: self.source_bytes,
             aliases: self.aliases.iter().map(|(a, p)| [a.clone(), p.clone()]).collect(),
             files,
@@ -722,8 +748,8 @@ fn expand(p: &Param, tp: usize, rank: usize) -> (Vec<usize>, Vec<Piece>) {
 }
 
 /// Convenience: resolve and plan in one call.
-pub fn plan(meta: &CheckpointMeta, mapping: &Mapping, tp: usize, max_part_size: u64) -> Result<ShardPlan, PlanError> {
-    resolve(meta, mapping)?.plan(tp, max_part_size)
+pub fn plan(meta: &CheckpointMeta, mapping: &Mapping, opts: &PlanOptions) -> Result<ShardPlan, PlanError> {
+    resolve(meta, mapping)?.plan(opts)
 }
 
 #[cfg(test)]
@@ -796,7 +822,7 @@ mod tests {
     #[test]
     fn gqa_replicates_kv_heads_when_tp_exceeds_them() {
         // 8 q heads, 2 kv heads, head_dim 4, tp 8: ranks 0-3 hold kv head 0, ranks 4-7 kv head 1.
-        let plan = plan(&gqa_meta(8, 2, 4), &gqa_mapping(), 8, DEFAULT_MAX_PART_SIZE).unwrap();
+        let plan = plan(&gqa_meta(8, 2, 4), &gqa_mapping(), &PlanOptions::new(8)).unwrap();
         for rank in 0..8 {
             let t = pieces_of(&plan, rank, "l.0.qkv.weight");
             assert_eq!(t.shape, vec![4 + 4 + 4, 32]);
@@ -825,7 +851,7 @@ mod tests {
 
     #[test]
     fn gqa_splits_kv_heads_when_tp_is_smaller() {
-        let plan = plan(&gqa_meta(8, 4, 2), &gqa_mapping(), 2, DEFAULT_MAX_PART_SIZE).unwrap();
+        let plan = plan(&gqa_meta(8, 4, 2), &gqa_mapping(), &PlanOptions::new(2)).unwrap();
         let t = pieces_of(&plan, 1, "l.0.qkv.weight");
         assert_eq!(t.shape, vec![8 + 4 + 4, 16]);
         assert!(matches!(&t.pieces[1], Piece::Copy { start: 4, end: 8, .. }));
@@ -838,10 +864,10 @@ mod tests {
     fn bad_tp_lists_valid_values() {
         let r = resolve(&gqa_meta(12, 3, 8), &gqa_mapping()).unwrap();
         assert_eq!(r.valid_tps(16), vec![1, 3, 6, 12]);
-        let err = r.plan(8, DEFAULT_MAX_PART_SIZE).unwrap_err().to_string();
+        let err = r.plan(&PlanOptions::new(8)).unwrap_err().to_string();
         assert!(err.contains("tp 8 does not fit") && err.contains("head count 12 is not divisible by 8"), "{err}");
         assert!(err.contains("valid tp values: 1, 3, 6, 12"), "{err}");
-        let err = r.plan(4, DEFAULT_MAX_PART_SIZE).unwrap_err().to_string();
+        let err = r.plan(&PlanOptions::new(4)).unwrap_err().to_string();
         assert!(err.contains("3 kv heads can be neither split evenly over 4 ranks"), "{err}");
     }
 
@@ -872,7 +898,7 @@ mod tests {
     #[test]
     fn parts_respect_the_size_cap_and_are_never_empty() {
         let m = gqa_meta(8, 2, 4);
-        let plan = plan(&m, &gqa_mapping(), 2, 1).unwrap();
+        let plan = plan(&m, &gqa_mapping(), &PlanOptions { max_part_size: 1, ..PlanOptions::new(2) }).unwrap();
         // A cap below every tensor's size puts each tensor in its own part.
         assert_eq!(plan.files.len(), 2 * 3);
         assert!(plan.files.iter().all(|f| f.tensors.len() == 1));
@@ -881,7 +907,7 @@ mod tests {
     }
 
     fn plan_default(m: &CheckpointMeta, tp: usize) -> ShardPlan {
-        plan(m, &gqa_mapping(), tp, DEFAULT_MAX_PART_SIZE).unwrap()
+        plan(m, &gqa_mapping(), &PlanOptions::new(tp)).unwrap()
     }
 
     #[test]
@@ -913,11 +939,11 @@ mod tests {
             let d = heads * hd;
             m.tensors.get_mut("emb").unwrap().shape = vec![vocab, d];
             let r = resolve(&m, &gqa_mapping()).unwrap();
-            let Ok(plan) = r.plan(tp, DEFAULT_MAX_PART_SIZE) else {
+            let Ok(plan) = r.plan(&PlanOptions::new(tp)) else {
                 prop_assert!(r.check_tp(tp).is_err());
                 return Ok(());
             };
-            prop_assert_eq!(&plan, &r.plan(tp, DEFAULT_MAX_PART_SIZE).unwrap());
+            prop_assert_eq!(&plan, &r.plan(&PlanOptions::new(tp)).unwrap());
             // Count how often each source row (dim 0) or column (dim 1) is copied.
             let mut hits: BTreeMap<(String, usize), usize> = BTreeMap::new();
             let mut zero_rows = 0;

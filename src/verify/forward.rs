@@ -17,8 +17,18 @@ use crate::text::q;
 use crate::Error;
 use serde::Serialize;
 
-/// Relative tolerance of the f64 forward comparison (max abs error / max |reference|).
+/// Relative tolerance of the f64 forward comparison (max abs error / max |reference|) when the
+/// shards hold the source's values exactly.
 pub const TOLERANCE: f64 = 1e-5;
+
+/// The tolerance for shards cast to `dtype` (`--dtype` of convert): the rounding of the cast.
+pub fn tolerance_for(dtype: Option<Dtype>) -> f64 {
+    match dtype {
+        Some(Dtype::BF16) => 2e-2,
+        Some(Dtype::F16) => 2e-3,
+        _ => TOLERANCE,
+    }
+}
 
 /// Result for one layer.
 #[derive(Clone, Debug, Serialize)]
@@ -444,6 +454,7 @@ pub fn check_all(
     dims: &Dims,
     ranks: &[Checkpoint],
     opts: &VerifyOptions,
+    tolerance: f64,
 ) -> Result<Vec<LayerCheck>, Error> {
     if opts.tokens == 0 || opts.source_tokens == 0 {
         return Err(VerifyError::NoTokens.into());
@@ -466,8 +477,8 @@ pub fn check_all(
             module: render(module, layer),
             max_abs_err: abs,
             max_rel_err: rel,
-            tolerance: TOLERANCE,
-            passed: rel <= TOLERANCE,
+            tolerance,
+            passed: rel <= tolerance,
         });
     }
     Ok(out)

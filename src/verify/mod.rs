@@ -220,7 +220,8 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
             }
         }
     }
-    let plan = match resolved.plan(tp, plan::DEFAULT_MAX_PART_SIZE) {
+    let dtype = manifest.as_ref().and_then(|m| m.dtype);
+    let plan = match resolved.plan(&plan::PlanOptions { dtype, ..plan::PlanOptions::new(tp) }) {
         Ok(p) => p,
         Err(e) => {
             findings.push(finding(
@@ -251,7 +252,8 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
     let mut layers = Vec::new();
     if opts.forward && mapping.file.cross_attention.is_some() && findings.is_empty() {
         let shards = open_ranks(out, tp, &ranks)?;
-        layers = forward::check_all(&ckpt, &mapping, &resolved.dims, &shards, opts)?;
+        layers =
+            forward::check_all(&ckpt, &mapping, &resolved.dims, &shards, opts, forward::tolerance_for(plan.dtype))?;
         for l in &layers {
             if !l.passed {
                 findings.push(finding(
@@ -429,9 +431,21 @@ fn compare_tensor(ckpt: &Checkpoint, t: &OutTensor, got: &[u8]) -> Option<Findin
         match piece {
             Piece::Copy { source, source_shape, dim, start, end, rows } => {
                 let src = ckpt.tensor_bytes(source).unwrap_or(&[]);
+                let src_dtype = ckpt.meta.tensors.get(source).map_or(t.dtype, |i| i.dtype);
                 let mut at = rows[0] * row_bytes;
-                for (off, len) in byte_runs(source_shape, elem, *dim, *start, *end) {
-                    let (want, have) = (src.get(off..off + len), got.get(at..at + len));
+                let mut cast = Vec::new();
+                for (off, src_len) in byte_runs(source_shape, src_dtype.size(), *dim, *start, *end) {
+                    let len = src_len / src_dtype.size() * elem;
+                    let mut want = src.get(off..off + src_len);
+                    if src_dtype != t.dtype {
+                        // A cast output must equal the deterministic cast of the source run.
+                        cast.clear();
+                        if let Some(w) = want {
+                            crate::dtype::cast_into(src_dtype, w, t.dtype, &mut cast);
+                            want = Some(&cast);
+                        }
+                    }
+                    let have = got.get(at..at + len);
                     if want != have {
                         let i = match (want, have) {
                             (Some(w), Some(h)) => w.iter().zip(h).position(|(a, b)| a != b).unwrap_or(0),

@@ -58,6 +58,9 @@ pub struct Manifest {
     pub tp: usize,
     /// Cap on tensor data per file.
     pub max_part_size: u64,
+    /// Float tensors cast to this dtype (`null`: as in the source).
+    #[serde(default)]
+    pub dtype: Option<crate::dtype::Dtype>,
     /// The checkpoint's weight files.
     pub source_files: Vec<SourceEntry>,
     /// Non-weight files copied from the checkpoint.
@@ -80,6 +83,7 @@ impl Manifest {
             mapping_crc32: plan.mapping_crc32,
             tp: plan.tp,
             max_part_size: plan.max_part_size,
+            dtype: plan.dtype,
             source_files: meta.files.iter().map(|f| SourceEntry { name: f.name.clone(), size: f.size }).collect(),
             copied_files: copied.to_vec(),
             aliases: plan.aliases.clone(),

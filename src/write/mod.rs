@@ -5,14 +5,14 @@
 //! as the format allows) and the data is streamed piece by piece from the memory-mapped sources,
 //! so memory use does not grow with the model. Every file gets a CRC-32 in the manifest.
 
+mod engine;
 pub mod manifest;
 
 use crate::checkpoint::Checkpoint;
-use crate::plan::{split::byte_runs, FilePlan, OutTensor, Piece, ShardPlan};
+use crate::plan::{OutTensor, ShardPlan};
 use crate::text::{q, qp};
-use rayon::prelude::*;
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Name of the manifest written beside the shards.
@@ -20,6 +20,35 @@ pub const MANIFEST_NAME: &str = "reshard-manifest.json";
 
 /// Marker in the names of staging directories (`.NAME.reshard-tmp-PID`).
 pub const TMP_MARKER: &str = ".reshard-tmp-";
+
+/// Marker of a replaced output awaiting deletion (`.NAME.reshard-old-PID`).
+pub const OLD_MARKER: &str = ".reshard-old-";
+
+static CRASH_POINTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Fault injection for the crash-safety tests. With `RESHARD_CRASH_AT=N` in the environment the
+/// process kills itself with SIGKILL at the N-th crash point of a conversion (1-based). Crash
+/// points sit between every step that changes the disk: the staging directory, each file
+/// created, each unit written, each fsync, each copy, the manifest, and each rename.
+pub(crate) fn crash_point() {
+    use std::sync::atomic::Ordering;
+    use std::sync::OnceLock;
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    let n = CRASH_POINTS.fetch_add(1, Ordering::SeqCst) + 1;
+    let at = AT.get_or_init(|| std::env::var("RESHARD_CRASH_AT").ok().and_then(|v| v.parse().ok()));
+    if *at == Some(n) {
+        // SAFETY: sends a signal to this process; nothing is borrowed.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+/// The number of crash points passed so far in this process (reported with
+/// `RESHARD_CRASH_COUNT=1`, so the tests know how many points to try).
+pub fn crash_points_passed() -> u64 {
+    CRASH_POINTS.load(std::sync::atomic::Ordering::SeqCst)
+}
 
 /// Errors while writing the output.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +69,8 @@ pub enum WriteError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("tensor {} is an alias of {} but differs from it at byte {offset}\n(hint: the checkpoint's tied copies disagree; fix the checkpoint or map them as separate tensors)", q(alias), q(primary))]
     AliasDiffers { alias: String, primary: String, offset: usize },
+    #[error("{} belongs to a conversion still running (pid {pid}); two runs must not write the same --out", qp(path))]
+    Busy { path: PathBuf, pid: u32 },
     #[error("internal: piece of {} reads outside source {}", q(tensor), q(from))]
     Internal { tensor: String, from: String },
 }
@@ -208,19 +239,47 @@ impl Drop for Staged {
     }
 }
 
+/// Removes staging and replaced-output directories that interrupted runs left beside `out`
+/// (their process is gone); returns what was removed. A leftover whose process still runs is an
+/// error: two conversions must not write the same `--out`.
+pub fn clean_leftovers(out: &Path) -> Result<Vec<PathBuf>, WriteError> {
+    let abs = std::path::absolute(out).map_err(io(out))?;
+    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else { return Ok(vec![]) };
+    let name = name.to_string_lossy();
+    let Ok(entries) = fs::read_dir(parent) else { return Ok(vec![]) };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        let pid = [TMP_MARKER, OLD_MARKER]
+            .iter()
+            .find_map(|m| f.strip_prefix(&format!(".{name}{m}")))
+            .and_then(|p| p.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        let path = e.path();
+        if pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(WriteError::Busy { path, pid });
+        }
+        fs::remove_dir_all(&path).map_err(io(&path))?;
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
 /// Writes every file of `plan`, the copied non-weight files and the manifest into a staging
 /// directory beside `opts.out`. On error the staging directory is removed.
 pub fn write_staged(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<Staged, WriteError> {
     check_out(&ckpt.meta.dir, &opts.out, opts.force)?;
     check_aliases(ckpt, plan)?;
-    let tmp = staging_dir(&opts.out)?;
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    let removed = clean_leftovers(&opts.out)?;
+    for r in &removed {
+        eprintln!("note: removed {}, left by an interrupted run", qp(r));
     }
+    let tmp = staging_dir(&opts.out)?;
     if let Some(parent) = tmp.parent() {
         fs::create_dir_all(parent).map_err(io(parent))?;
     }
     fs::create_dir(&tmp).map_err(io(&tmp))?;
+    crash_point();
     let mut staged = Staged {
         dir: tmp,
         out: opts.out.clone(),
@@ -242,19 +301,19 @@ fn write_into(
     tmp: &Path,
     opts: &WriteOptions,
 ) -> Result<WriteSummary, WriteError> {
-    let files: Vec<manifest::FileEntry> = plan
-        .files
-        .par_iter()
-        .map(|f| write_file(ckpt, f, &tmp.join(&f.name), opts.progress))
-        .collect::<Result<_, _>>()?;
+    let files = engine::write_files(ckpt, plan, tmp, opts.progress)?;
     let mut copied = Vec::new();
     for name in &ckpt.meta.extra_files {
         if name == MANIFEST_NAME {
             continue;
         }
         let (src, dst) = (ckpt.meta.dir.join(name), tmp.join(name));
-        fs::copy(&src, &dst).map_err(io(&src))?;
-        File::open(&dst).and_then(|f| f.sync_all()).map_err(io(&dst))?;
+        // Not fs::copy: it would carry the source's mode over; a new file honours the umask.
+        let mut from = File::open(&src).map_err(io(&src))?;
+        let mut to = File::create(&dst).map_err(io(&dst))?;
+        std::io::copy(&mut from, &mut to).map_err(io(&dst))?;
+        to.sync_all().map_err(io(&dst))?;
+        crash_point();
         copied.push(name.clone());
     }
     let m = manifest::Manifest::new(&ckpt.meta, plan, &files, &copied);
@@ -262,7 +321,9 @@ fn write_into(
     let mut w = File::create(&mpath).map_err(io(&mpath))?;
     let text = serde_json::to_vec_pretty(&m).expect("manifest serializes");
     w.write_all(&text).and_then(|_| w.write_all(b"\n")).and_then(|_| w.sync_all()).map_err(io(&mpath))?;
+    crash_point();
     File::open(tmp).and_then(|d| d.sync_all()).map_err(io(tmp))?;
+    crash_point();
     let bytes = files.iter().map(|f| f.size).sum();
     Ok(WriteSummary { out: opts.out.clone(), files, copied, bytes })
 }
@@ -271,11 +332,12 @@ fn write_into(
 /// one is complete.
 fn publish(tmp: &Path, out: &Path) -> Result<(), WriteError> {
     let old = tmp.with_file_name(
-        tmp.file_name().map(|n| n.to_string_lossy().replace(TMP_MARKER, ".reshard-old-")).unwrap_or_default(),
+        tmp.file_name().map(|n| n.to_string_lossy().replace(TMP_MARKER, OLD_MARKER)).unwrap_or_default(),
     );
     let replacing = out.exists();
     if replacing {
         fs::rename(out, &old).map_err(io(out))?;
+        crash_point();
     }
     if let Err(e) = fs::rename(tmp, out) {
         if replacing {
@@ -283,81 +345,13 @@ fn publish(tmp: &Path, out: &Path) -> Result<(), WriteError> {
         }
         return Err(io(out)(e));
     }
+    crash_point();
     if replacing {
         fs::remove_dir_all(&old).map_err(io(&old))?;
+        crash_point();
     }
     if let Some(parent) = std::path::absolute(out).ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
         let _ = File::open(&parent).and_then(|d| d.sync_all());
     }
     Ok(())
-}
-
-static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
-
-/// A writer that checksums and counts what passes through it.
-struct Sink<W: Write> {
-    inner: W,
-    crc: crc32fast::Hasher,
-    pending: u64,
-}
-
-impl<W: Write> Sink<W> {
-    fn put(&mut self, bytes: &[u8], progress: &(dyn Fn(u64) + Sync)) -> std::io::Result<()> {
-        self.inner.write_all(bytes)?;
-        self.crc.update(bytes);
-        self.pending += bytes.len() as u64;
-        if self.pending >= 1 << 22 {
-            progress(self.pending);
-            self.pending = 0;
-        }
-        Ok(())
-    }
-}
-
-fn write_file(
-    ckpt: &Checkpoint,
-    f: &FilePlan,
-    path: &Path,
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<manifest::FileEntry, WriteError> {
-    let file = File::create(path).map_err(io(path))?;
-    let mut sink = Sink { inner: BufWriter::with_capacity(1 << 20, file), crc: crc32fast::Hasher::new(), pending: 0 };
-    sink.put(&header_bytes(&f.tensors), progress).map_err(io(path))?;
-    for t in &f.tensors {
-        let elem = t.dtype.size();
-        let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * elem;
-        for piece in &t.pieces {
-            match piece {
-                Piece::Copy { source, source_shape, dim, start, end, .. } => {
-                    let info = &ckpt.meta.tensors[source];
-                    let data = ckpt.bytes(info);
-                    for (off, len) in byte_runs(source_shape, elem, *dim, *start, *end) {
-                        let run = data
-                            .get(off..off + len)
-                            .ok_or_else(|| WriteError::Internal { tensor: t.name.clone(), from: source.clone() })?;
-                        sink.put(run, progress).map_err(io(path))?;
-                    }
-                }
-                Piece::Zeros { rows, .. } => {
-                    let mut left = (rows[1] - rows[0]) * row_bytes;
-                    while left > 0 {
-                        let n = left.min(ZEROS.len());
-                        sink.put(&ZEROS[..n], progress).map_err(io(path))?;
-                        left -= n;
-                    }
-                }
-            }
-        }
-    }
-    progress(sink.pending);
-    let crc = sink.crc.finalize();
-    let file = sink.inner.into_inner().map_err(|e| io(path)(e.into_error()))?;
-    file.sync_all().map_err(io(path))?;
-    Ok(manifest::FileEntry {
-        name: f.name.clone(),
-        rank: f.rank,
-        part: f.part,
-        size: f.size,
-        crc32: format!("{crc:08x}"),
-    })
 }

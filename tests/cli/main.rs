@@ -2,9 +2,11 @@
 
 mod contract;
 mod convert;
+mod crash;
 mod errors;
 mod families;
 mod gpu_cli;
+mod hostile;
 mod plan;
 mod util;
 mod verify;

@@ -1,0 +1,166 @@
+//! Conversion benchmark: `cp -r` against `reshard convert`, run alternately on the same disk.
+//!
+//!     cargo build --release --examples && target/release/examples/bench [--runs 5] [--dir /work/bench] [--quick]
+//!
+//! Generates the synthetic real-shape inputs with `synth` when missing (BART-large fp32 ~1.6 GB,
+//! Whisper-large-v3 fp16 ~3.1 GB, a reduced-depth Llama-3.2-11B-Vision bf16 with real widths, and
+//! a sparse full-size one for `plan`), warms the page cache, then for each input runs `cp -r`,
+//! `cp -r` + `sync`, and `reshard convert --tp N` for every valid N of 1, 2, 4, 8, alternately,
+//! `--runs` times each, and prints medians, the ratio to `cp -r`, and the peak anonymous memory
+//! (RssAnon, sampled every 2 ms from /proc; file-backed pages of the mapped inputs and the page
+//! cache are not counted). Before every timed command an untimed `sync` flushes what the previous
+//! one left dirty, and the order of the commands rotates from one iteration to the next. Also: `--dtype` casting against the uncast time, and `plan` on the full-size
+//! mllama.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Run {
+    secs: f64,
+    anon_kib: u64,
+}
+
+fn rss_anon(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("RssAnon:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs a command, timing it and sampling the peak RssAnon of the process. An untimed `sync`
+/// first, so no run pays for the previous one's writeback.
+fn run(cmd: &[&str]) -> Run {
+    Command::new("sync").status().unwrap();
+    let start = Instant::now();
+    let mut child =
+        Command::new(cmd[0]).args(&cmd[1..]).stdout(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let pid = child.id();
+    let peak = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let (p2, d2) = (peak.clone(), done.clone());
+    let sampler = std::thread::spawn(move || {
+        while !d2.load(Ordering::Relaxed) {
+            if let Some(v) = rss_anon(pid) {
+                p2.fetch_max(v, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    let status = child.wait().unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert!(status.success(), "{cmd:?} failed: {status}");
+    Run { secs, anon_kib: peak.load(Ordering::Relaxed) }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn warm(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let mut f = std::fs::File::open(&p).unwrap();
+        std::io::copy(&mut f, &mut std::io::sink()).unwrap();
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
+    let runs: usize = opt("--runs").map_or(5, |v| v.parse().unwrap());
+    let dir = PathBuf::from(opt("--dir").unwrap_or_else(|| "/tmp/reshard-bench".into()));
+    let quick = args.iter().any(|a| a == "--quick");
+    let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let reshard = bin.join("reshard");
+    let synth = bin.join("examples/synth");
+    assert!(reshard.exists() && synth.exists(), "build first: cargo build --release --examples");
+    std::fs::create_dir_all(&dir).unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+
+    let mut inputs: Vec<(&str, Vec<&str>, Vec<usize>)> = vec![
+        ("bart-large", vec![], vec![1, 2, 4, 8]),
+        ("whisper-large-v3", vec![], vec![1, 2, 4]),
+        ("llama-3.2-11b-vision", vec!["--text-layers", "8", "--vision-layers", "4"], vec![1, 2, 4, 8]),
+    ];
+    if quick {
+        inputs.truncate(1);
+    }
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/meminfo").unwrap().lines().next().unwrap()
+    );
+    println!("runs: {runs} each, alternating; times are medians in seconds; memory is the peak RssAnon\n");
+    for (name, extra, tps) in &inputs {
+        let src = dir.join(name);
+        if !src.join("config.json").exists() {
+            let mut cmd = vec![s(&synth), name.to_string(), s(&src)];
+            cmd.extend(extra.iter().map(|e| e.to_string()));
+            let c: Vec<&str> = cmd.iter().map(String::as_str).collect();
+            run(&c);
+        }
+        let bytes: u64 = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        warm(&src);
+        let (cp_dst, out) = (dir.join("cp-out"), dir.join("reshard-out"));
+        let mut cp_t = vec![];
+        let mut cps_t = vec![];
+        let mut rs: Vec<(String, Vec<f64>, u64)> = tps.iter().map(|t| (format!("--tp {t}"), vec![], 0)).collect();
+        let casts: Vec<&str> = if *name == "bart-large" { vec!["bf16", "f16"] } else { vec![] };
+        rs.extend(casts.iter().map(|d| (format!("--tp 4 --dtype {d}"), vec![], 0)));
+        // One job per command; each iteration starts at a different job, so no command always runs
+        // right after a large deletion (this disk is mounted with online discard, and the command
+        // after a big delete pays for its TRIMs).
+        let jobs = 2 + rs.len();
+        for it in 0..runs {
+            for j in 0..jobs {
+                let job = (it + j) % jobs;
+                let _ = std::fs::remove_dir_all(&cp_dst);
+                let _ = std::fs::remove_dir_all(&out);
+                match job {
+                    0 => cp_t.push(run(&["cp", "-r", &s(&src), &s(&cp_dst)]).secs),
+                    1 => cps_t.push(run(&["sh", "-c", &format!("cp -r {} {} && sync", s(&src), s(&cp_dst))]).secs),
+                    k => {
+                        let (flags, times, mem) = &mut rs[k - 2];
+                        let mut cmd =
+                            vec![s(&reshard), "convert".into(), s(&src), "--out".into(), s(&out), "-q".into()];
+                        cmd.extend(flags.split(' ').map(str::to_string));
+                        let c: Vec<&str> = cmd.iter().map(String::as_str).collect();
+                        let r = run(&c);
+                        times.push(r.secs);
+                        *mem = (*mem).max(r.anon_kib);
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&cp_dst);
+        let _ = std::fs::remove_dir_all(&out);
+        let cp = median(cp_t);
+        println!("{name}: {:.2} GB in {}", bytes as f64 / 1e9, s(&src));
+        println!("  {:<28} {:>8.3}", "cp -r", cp);
+        println!("  {:<28} {:>8.3}  ({:.2} x cp)", "cp -r && sync", median(cps_t.clone()), median(cps_t) / cp);
+        for (flags, times, mem) in rs {
+            let m = median(times);
+            println!(
+                "  {:<28} {m:>8.3}  ({:.2} x cp)  peak anon {:.1} MiB",
+                format!("reshard {flags}"),
+                m / cp,
+                mem as f64 / 1024.0
+            );
+        }
+        println!();
+    }
+    // plan on the full-size mllama, sparse (headers only matter).
+    let full = dir.join("llama-3.2-11b-vision-sparse");
+    if !full.join("config.json").exists() {
+        run(&[&s(&synth), "llama-3.2-11b-vision", &s(&full), "--sparse"]);
+    }
+    let mut t = vec![];
+    for _ in 0..runs.max(5) {
+        t.push(run(&[&s(&reshard), "plan", &s(&full), "--tp", "8", "--json"]).secs);
+    }
+    println!("plan, Llama-3.2-11B-Vision shape (21.3 GB, 906 tensors, 5 files), --tp 8 --json: {:.3} s", median(t));
+}

@@ -1,0 +1,93 @@
+//! Issue #7: SIGKILL at every step of a conversion (fault injection with RESHARD_CRASH_AT). After
+//! each crash, --out either does not exist or is a complete output that verify accepts; leftovers
+//! are clearly named; the next run removes them (saying so) and succeeds.
+
+use crate::util::*;
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+
+fn convert(src: &Path, out: &Path, force: bool, crash_at: Option<u64>) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reshard"));
+    // Small parts: more files, more crash points.
+    c.args(["convert", src.to_str().unwrap(), "--tp", "2", "--max-part-size", "64KiB", "--out", out.to_str().unwrap()]);
+    if force {
+        c.arg("--force");
+    }
+    c.env("RESHARD_CRASH_COUNT", "1");
+    if let Some(n) = crash_at {
+        c.env("RESHARD_CRASH_AT", n.to_string());
+    }
+    c.output().unwrap()
+}
+
+fn points(o: &std::process::Output) -> u64 {
+    let e = String::from_utf8_lossy(&o.stderr);
+    e.lines().find_map(|l| l.strip_prefix("crash points: ")).and_then(|n| n.parse().ok()).expect("crash point count")
+}
+
+fn verify_ok(src: &Path, out: &Path) -> bool {
+    reshard(&[&"verify", &src, &out, &"--no-forward"]).code == 0
+}
+
+fn leftovers(parent: &Path) -> Vec<String> {
+    fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "out")
+        .collect()
+}
+
+fn crash_everywhere(force: bool) {
+    let src = fixture("bart-awkward");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    if force {
+        assert!(convert(&src, &out, false, None).status.success());
+    }
+    let total = points(&convert(&src, &out, force, None));
+    assert!(total >= 20, "only {total} crash points");
+    for k in 1..=total {
+        if force {
+            // Start each round from a complete previous output.
+            let _ = fs::remove_dir_all(&out);
+            for l in leftovers(tmp.path()) {
+                fs::remove_dir_all(tmp.path().join(l)).unwrap();
+            }
+            assert!(convert(&src, &out, false, None).status.success());
+        } else {
+            let _ = fs::remove_dir_all(&out);
+        }
+        let o = convert(&src, &out, force, Some(k));
+        assert_eq!(o.status.signal(), Some(9), "point {k}/{total}: not killed: {}", String::from_utf8_lossy(&o.stderr));
+        // --out is absent or complete.
+        assert!(!out.exists() || verify_ok(&src, &out), "point {k}/{total}: incomplete --out");
+        for l in leftovers(tmp.path()) {
+            assert!(
+                l.starts_with(".out.reshard-tmp-") || l.starts_with(".out.reshard-old-"),
+                "point {k}: unclear leftover {l}"
+            );
+        }
+        let had_leftovers = !leftovers(tmp.path()).is_empty();
+        // The next run cleans up and succeeds.
+        let again = convert(&src, &out, true, None);
+        let stderr = String::from_utf8_lossy(&again.stderr);
+        assert!(again.status.success(), "point {k}: recovery run failed: {stderr}");
+        if had_leftovers {
+            assert!(stderr.contains("left by an interrupted run"), "point {k}: leftovers removed silently: {stderr}");
+        }
+        assert!(leftovers(tmp.path()).is_empty(), "point {k}: {:?}", leftovers(tmp.path()));
+        assert!(verify_ok(&src, &out), "point {k}: recovered output does not verify");
+    }
+}
+
+#[test]
+fn sigkill_at_every_step_of_a_fresh_conversion() {
+    crash_everywhere(false);
+}
+
+#[test]
+fn sigkill_at_every_step_of_a_forced_replacement() {
+    crash_everywhere(true);
+}
