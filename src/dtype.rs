@@ -136,6 +136,18 @@ pub fn cast_into(src: Dtype, bytes: &[u8], dst: Dtype, out: &mut Vec<u8>) {
         out.extend_from_slice(bytes);
         return;
     }
+    if (src, dst) == (Dtype::F32, Dtype::BF16) {
+        // The common cast, done in place: round to nearest even on the bits, NaN kept quiet
+        // (what `half::bf16::from_f32` does, checked by the tests).
+        let start = out.len();
+        out.resize(start + bytes.len() / 2, 0);
+        for (o, c) in out[start..].chunks_exact_mut(2).zip(bytes.chunks_exact(4)) {
+            let u = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let r = if u & 0x7fff_ffff > 0x7f80_0000 { (u >> 16) | 0x40 } else { (u + 0x7fff + ((u >> 16) & 1)) >> 16 };
+            o.copy_from_slice(&(r as u16).to_le_bytes());
+        }
+        return;
+    }
     let wide: Vec<f32> = match src {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::F64 => {
@@ -193,6 +205,39 @@ mod tests {
         let mut w = Vec::new();
         cast_into(Dtype::BF16, &out, Dtype::F32, &mut w);
         assert_eq!(to_f32(Dtype::F32, &w).unwrap(), back);
+    }
+
+    #[test]
+    fn fast_f32_to_bf16_matches_half_bit_for_bit() {
+        let mut vals = vec![
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+        ];
+        let mut x = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            vals.push(f32::from_bits(x));
+        }
+        let src: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = Vec::new();
+        cast_into(Dtype::F32, &src, Dtype::BF16, &mut out);
+        for (v, o) in vals.iter().zip(out.chunks_exact(2)) {
+            let want = half::bf16::from_f32(*v).to_bits();
+            let got = u16::from_le_bytes([o[0], o[1]]);
+            assert!(
+                want == got || (v.is_nan() && half::bf16::from_bits(got).is_nan()),
+                "{v:e}: {want:04x} vs {got:04x}"
+            );
+        }
     }
 
     #[test]
