@@ -279,6 +279,22 @@ fn names(n: &AttnNames, layer: usize) -> AttnNames {
     }
 }
 
+fn cross_spec(mapping: &Mapping) -> Result<&crate::mapping::CrossAttentionSpec, Error> {
+    mapping.file.cross_attention.as_ref().ok_or_else(|| forward_err("mapping has no cross_attention section".into()))
+}
+
+/// The per-head norm arguments of [`attend`], when the layer has both norms and an epsilon.
+fn norm_args<'a>(
+    q: &'a Option<Vec<f64>>,
+    k: &'a Option<Vec<f64>>,
+    eps: Option<f64>,
+) -> Option<(&'a [f64], &'a [f64], f64)> {
+    match (q, k, eps) {
+        (Some(a), Some(b), Some(eps)) => Some((a.as_slice(), b.as_slice(), eps)),
+        _ => None,
+    }
+}
+
 /// The layer computed from the unsplit source weights.
 pub fn forward_source(
     src: &Checkpoint,
@@ -288,11 +304,7 @@ pub fn forward_source(
     x: &Act,
     e: &Act,
 ) -> Result<Act, Error> {
-    let spec = mapping
-        .file
-        .cross_attention
-        .as_ref()
-        .ok_or_else(|| forward_err("mapping has no cross_attention section".into()))?;
+    let spec = cross_spec(mapping)?;
     let n = names(&spec.source, layer);
     let m = Some(mapping);
     let (wq, wk, wv, wo) = (
@@ -308,10 +320,7 @@ pub fn forward_source(
     let bo = vector(src, m, n.o_bias.as_ref(), wo.rows)?;
     let qn = vector(src, m, n.q_norm.as_ref(), hd)?;
     let kn = vector(src, m, n.k_norm.as_ref(), hd)?;
-    let norms = match (&qn, &kn, s.norm_eps) {
-        (Some(a), Some(b), Some(eps)) => Some((a.as_slice(), b.as_slice(), eps)),
-        _ => None,
-    };
+    let norms = norm_args(&qn, &kn, s.norm_eps);
     let qa = linear(x, &wq, 0..wq.rows, bq.as_deref());
     let ka = linear(e, &wk, 0..wk.rows, bk.as_deref());
     let va = linear(e, &wv, 0..wv.rows, bv.as_deref());
@@ -328,11 +337,7 @@ pub fn forward_shards(
     x: &Act,
     e: &Act,
 ) -> Result<Act, Error> {
-    let spec = mapping
-        .file
-        .cross_attention
-        .as_ref()
-        .ok_or_else(|| forward_err("mapping has no cross_attention section".into()))?;
+    let spec = cross_spec(mapping)?;
     let n = names(&spec.shards, layer);
     let tp = ranks.len();
     let mut out = vec![vec![0.0; s.hidden]; x.len()];
@@ -352,10 +357,7 @@ pub fn forward_shards(
         let bkv = vector(c, None, n.kv_bias.as_ref(), wkv.rows)?;
         let qn = vector(c, None, n.q_norm.as_ref(), hd)?;
         let kn = vector(c, None, n.k_norm.as_ref(), hd)?;
-        let norms = match (&qn, &kn, s.norm_eps) {
-            (Some(a), Some(b), Some(eps)) => Some((a.as_slice(), b.as_slice(), eps)),
-            _ => None,
-        };
+        let norms = norm_args(&qn, &kn, s.norm_eps);
         let half = wkv.rows / 2;
         let qa = linear(x, &wq, 0..wq.rows, bq.as_deref());
         let ka = linear(e, &wkv, 0..half, bkv.as_deref());
@@ -430,11 +432,7 @@ pub fn layers(src: &Checkpoint, mapping: &Mapping) -> Vec<usize> {
 
 /// The shape parameters of the family's cross-attention, from the dims and config.
 pub fn shape(src: &Checkpoint, mapping: &Mapping, dims: &Dims) -> Result<AttnShape, Error> {
-    let spec = mapping
-        .file
-        .cross_attention
-        .as_ref()
-        .ok_or_else(|| forward_err("mapping has no cross_attention section".into()))?;
+    let spec = cross_spec(mapping)?;
     let d = |n: &str| dims.get(n).copied().unwrap_or(0) as usize;
     let norm_eps = match &spec.norm_eps_config {
         Some(k) => Some(

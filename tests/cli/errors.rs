@@ -4,14 +4,6 @@ use crate::util::*;
 use std::fs;
 use std::path::Path;
 
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 #[test]
 fn invalid_tp_is_refused_before_writing_with_the_valid_values() {
     let tmp = tempfile::tempdir().unwrap();

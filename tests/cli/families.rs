@@ -64,14 +64,6 @@ fn bart_legacy_tied_copies_are_accepted_when_identical() {
     assert!(rank0.contains_key("final_logits_bias"));
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 #[test]
 fn bart_legacy_tied_copies_that_differ_are_an_error() {
     let tmp = tempfile::tempdir().unwrap();

@@ -211,3 +211,12 @@ pub fn write_checkpoint(path: &Path, tensors: &BTreeMap<String, T>) {
     }
     std::fs::write(path, bytes).unwrap();
 }
+
+/// Copies the files of a fixture directory (flat) into `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
