@@ -111,6 +111,7 @@ fn main() {
         let mut rs: Vec<(String, Vec<f64>, u64)> = tps.iter().map(|t| (format!("--tp {t}"), vec![], 0)).collect();
         let casts: Vec<&str> = if *name == "bart-large" { vec!["bf16", "f16"] } else { vec![] };
         rs.extend(casts.iter().map(|d| (format!("--tp 4 --dtype {d}"), vec![], 0)));
+        rs.push(("--tp 4 --no-fsync".into(), vec![], 0));
         // One job per command; each iteration starts at a different job, so no command always runs
         // right after a large deletion (this disk is mounted with online discard, and the command
         // after a big delete pays for its TRIMs).

@@ -179,6 +179,10 @@ pub struct ConvertArgs {
     /// Verify the output against the source before publishing it (exit 1 if it fails).
     #[arg(long)]
     pub verify: bool,
+    /// Skip fsync: faster, still renamed into place atomically (a killed process leaves no partial
+    /// --out), but a power loss or kernel crash soon after can leave incomplete files.
+    #[arg(long)]
+    pub no_fsync: bool,
     #[command(flatten)]
     pub check: CheckArgs,
 }

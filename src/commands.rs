@@ -29,7 +29,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
                 )
                 .expect("static template"),
             );
-            let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n) };
+            let opts =
+                WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n), fsync: !a.no_fsync };
             let (meta, plan) = reshard::make_plan(&source(s), &s.plan_options())?;
             bar.set_length(plan.output_bytes());
             let vopts = a.check.options();

@@ -196,7 +196,7 @@ fn start_writeback(f: &File, off: u64, len: u64) {
 
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
-fn exec(ckpt: &Checkpoint, u: &Unit, dst: &File, path: &Path) -> Result<u32, WriteError> {
+fn exec(ckpt: &Checkpoint, u: &Unit, dst: &File, path: &Path, fsync: bool) -> Result<u32, WriteError> {
     let crc = match &u.kind {
         Kind::Copy { src, src_off } => {
             let bytes = src_slice(ckpt, *src, *src_off, u.len as usize)?;
@@ -231,16 +231,20 @@ fn exec(ckpt: &Checkpoint, u: &Unit, dst: &File, path: &Path) -> Result<u32, Wri
             h.finalize()
         }
     };
-    start_writeback(dst, u.dst, u.len);
+    if fsync {
+        start_writeback(dst, u.dst, u.len);
+    }
     Ok(crc)
 }
 
 /// Writes every file of `plan` into `dir`; returns their manifest entries (size and CRC-32).
+/// With `fsync`, writeback starts as each unit is written and every file is fsynced at the end.
 pub fn write_files(
     ckpt: &Checkpoint,
     plan: &ShardPlan,
     dir: &Path,
     progress: &(dyn Fn(u64) + Sync),
+    fsync: bool,
 ) -> Result<Vec<FileEntry>, WriteError> {
     let (units, headers) = units(ckpt, plan)?;
     let paths: Vec<PathBuf> = plan.files.iter().map(|f| dir.join(&f.name)).collect();
@@ -255,14 +259,16 @@ pub fn write_files(
     let crcs: Vec<u32> = units
         .par_iter()
         .map(|u| {
-            let crc = exec(ckpt, u, &files[u.file], &paths[u.file])?;
+            let crc = exec(ckpt, u, &files[u.file], &paths[u.file], fsync)?;
             super::crash_point();
             progress(u.len);
             Ok(crc)
         })
         .collect::<Result<_, WriteError>>()?;
     files.par_iter().zip(&paths).try_for_each(|(f, p)| {
-        f.sync_all().map_err(io(p))?;
+        if fsync {
+            f.sync_all().map_err(io(p))?;
+        }
         super::crash_point();
         Ok::<_, WriteError>(())
     })?;

@@ -120,6 +120,10 @@ pub struct WriteOptions<'a> {
     pub force: bool,
     /// Called with byte counts as data is written (from several threads).
     pub progress: &'a (dyn Fn(u64) + Sync),
+    /// fsync every file and the directory before the rename (the default). Without it the
+    /// rename is still atomic, so a killed process leaves no partial `--out`, but a power loss or
+    /// kernel crash soon after can.
+    pub fsync: bool,
 }
 
 /// What was written.
@@ -301,7 +305,7 @@ fn write_into(
     tmp: &Path,
     opts: &WriteOptions,
 ) -> Result<WriteSummary, WriteError> {
-    let files = engine::write_files(ckpt, plan, tmp, opts.progress)?;
+    let files = engine::write_files(ckpt, plan, tmp, opts.progress, opts.fsync)?;
     let mut copied = Vec::new();
     for name in &ckpt.meta.extra_files {
         if name == MANIFEST_NAME {
@@ -312,7 +316,9 @@ fn write_into(
         let mut from = File::open(&src).map_err(io(&src))?;
         let mut to = File::create(&dst).map_err(io(&dst))?;
         std::io::copy(&mut from, &mut to).map_err(io(&dst))?;
-        to.sync_all().map_err(io(&dst))?;
+        if opts.fsync {
+            to.sync_all().map_err(io(&dst))?;
+        }
         crash_point();
         copied.push(name.clone());
     }
@@ -320,9 +326,14 @@ fn write_into(
     let mpath = tmp.join(MANIFEST_NAME);
     let mut w = File::create(&mpath).map_err(io(&mpath))?;
     let text = serde_json::to_vec_pretty(&m).expect("manifest serializes");
-    w.write_all(&text).and_then(|_| w.write_all(b"\n")).and_then(|_| w.sync_all()).map_err(io(&mpath))?;
+    w.write_all(&text).and_then(|_| w.write_all(b"\n")).map_err(io(&mpath))?;
+    if opts.fsync {
+        w.sync_all().map_err(io(&mpath))?;
+    }
     crash_point();
-    File::open(tmp).and_then(|d| d.sync_all()).map_err(io(tmp))?;
+    if opts.fsync {
+        File::open(tmp).and_then(|d| d.sync_all()).map_err(io(tmp))?;
+    }
     crash_point();
     let bytes = files.iter().map(|f| f.size).sum();
     Ok(WriteSummary { out: opts.out.clone(), files, copied, bytes })

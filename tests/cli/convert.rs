@@ -158,3 +158,13 @@ fn json_summary() {
     assert!(v["written"]["copied"].as_array().unwrap().iter().any(|c| c == "config.json"));
     assert!(v["verify"].is_null());
 }
+
+#[test]
+fn no_fsync_writes_the_same_bytes() {
+    let a = check("bart-tiny", 2, contract::bart, &["--no-fsync"]);
+    let b = check("bart-tiny", 2, contract::bart, &[]);
+    for name in ["model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors", "reshard-manifest.json"] {
+        let read = |d: &Path| std::fs::read(d.join("out").join(name)).unwrap();
+        assert_eq!(read(a.path()), read(b.path()), "{name}");
+    }
+}
