@@ -8,8 +8,10 @@
 //! `cp -r` + `sync`, and `reshard convert --tp N` for every valid N of 1, 2, 4, 8, alternately,
 //! `--runs` times each, and prints medians, the ratio to `cp -r`, and the peak anonymous memory
 //! (RssAnon, sampled every 2 ms from /proc; file-backed pages of the mapped inputs and the page
-//! cache are not counted). Before every timed command an untimed `sync` flushes what the previous
-//! one left dirty, and the order of the commands rotates from one iteration to the next. Also: `--dtype` casting against the uncast time, and `plan` on the full-size
+//! cache are not counted). Before every timed command an untimed `sync` and a 2 s pause let the
+//! previous command's writeback and the discards of deleted outputs finish (this disk is mounted
+//! with online `discard`: without the pause, whatever runs after a large delete pays for it), and
+//! the order of the commands rotates from one iteration to the next. Also: `--dtype` casting against the uncast time, and `plan` on the full-size
 //! mllama.
 
 use std::path::{Path, PathBuf};
@@ -28,10 +30,12 @@ fn rss_anon(pid: u32) -> Option<u64> {
     s.lines().find(|l| l.starts_with("RssAnon:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Runs a command, timing it and sampling the peak RssAnon of the process. An untimed `sync`
-/// first, so no run pays for the previous one's writeback.
+/// Runs a command, timing it and sampling the peak RssAnon of the process. An untimed `sync` and
+/// a 2 s pause first, so no run pays for the previous one's writeback or for the discards
+/// (TRIMs) of the output deleted before it.
 fn run(cmd: &[&str]) -> Run {
     Command::new("sync").status().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     let start = Instant::now();
     let mut child =
         Command::new(cmd[0]).args(&cmd[1..]).stdout(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
