@@ -220,7 +220,11 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
             }
         }
     }
-    let dtype = manifest.as_ref().and_then(|m| m.dtype);
+    // The cast of `convert --dtype`: from the manifest, or, without one, from the files themselves.
+    let dtype = match &manifest {
+        Some(m) => m.dtype,
+        None => infer_cast(&resolved, out, &ranks),
+    };
     let plan = match resolved.plan(&plan::PlanOptions { dtype, ..plan::PlanOptions::new(tp) }) {
         Ok(p) => p,
         Err(e) => {
@@ -266,6 +270,17 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
         }
     }
     Ok(report(&resolved, tp, findings, files, tensors, bytes, manifest.is_some(), layers))
+}
+
+/// The dtype float tensors were cast to, judged from rank 0's files: the dtype of the first
+/// output tensor whose source is a float of another dtype.
+fn infer_cast(resolved: &Resolved, out: &Path, ranks: &RankFiles) -> Option<crate::dtype::Dtype> {
+    let names: Vec<String> = ranks.get(&0)?.iter().map(|(_, n)| n.clone()).collect();
+    let meta = open_meta(out, &names).ok()?;
+    resolved.params.iter().filter(|p| crate::dtype::castable(p.dtype)).find_map(|p| {
+        let t = meta.tensors.get(&p.targets[0])?;
+        (t.dtype != p.dtype && crate::dtype::castable(t.dtype)).then_some(t.dtype)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

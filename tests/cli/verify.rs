@@ -243,3 +243,23 @@ fn goldens_mllama() {
     golden_check("mllama-gqa", 8);
     golden_check("mllama-awkward", 6);
 }
+
+#[test]
+fn verify_checks_a_cast_output_with_or_without_its_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let r = reshard(&[&"convert", &fixture("mllama-gqa"), &"--tp", &"4", &"--dtype", &"bf16", &"--out", &out]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (code, v) = verify_json("mllama-gqa", &out);
+    assert_eq!(code, 0, "{v:#}");
+    assert!(v["forward"][0]["tolerance"].as_f64().unwrap() > 1e-3, "bf16 tolerance applies");
+    std::fs::remove_file(out.join("reshard-manifest.json")).unwrap();
+    let (code, v) = verify_json("mllama-gqa", &out);
+    assert_eq!(code, 0, "the cast is read off the files: {v:#}");
+    assert_eq!(v["manifest_checked"], false);
+    // A flipped bit in a cast tensor is still found.
+    damage(&out, 2, |m| m.get_mut("language_model.model.layers.0.mlp.down_proj.weight").unwrap().data[6] ^= 1);
+    let f =
+        expect_finding("mllama-gqa", &out, "mismatch", Some(2), "language_model.model.layers.0.mlp.down_proj.weight");
+    assert_eq!(f["element"], serde_json::json!([0, 3]));
+}
