@@ -109,13 +109,25 @@ impl FromStr for Dtype {
 ///
 /// Returns `None` when `dtype` is not a float type.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    use half::slice::HalfFloatSliceExt;
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::F64 => {
             bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32).collect()
         }
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        // Whole-slice conversions: several times faster than element by element (crates.md).
+        Dtype::F16 => {
+            let h: Vec<half::f16> = bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
+            let mut w = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut w);
+            w
+        }
+        Dtype::BF16 => {
+            let h: Vec<half::bf16> = bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect();
+            let mut w = vec![0f32; h.len()];
+            h.convert_to_f32_slice(&mut w);
+            w
+        }
         _ => return None,
     })
 }
@@ -148,27 +160,7 @@ pub fn cast_into(src: Dtype, bytes: &[u8], dst: Dtype, out: &mut Vec<u8>) {
         }
         return;
     }
-    let wide: Vec<f32> = match src {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F64 => {
-            bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
-        }
-        Dtype::F16 => {
-            let h: Vec<half::f16> =
-                bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
-            let mut w = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut w);
-            w
-        }
-        Dtype::BF16 => {
-            let h: Vec<half::bf16> =
-                bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
-            let mut w = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut w);
-            w
-        }
-        _ => return out.extend_from_slice(bytes),
-    };
+    let Some(wide) = to_f32(src, bytes) else { return out.extend_from_slice(bytes) };
     match dst {
         Dtype::F32 => out.extend(wide.iter().flat_map(|v| v.to_le_bytes())),
         Dtype::F16 => {

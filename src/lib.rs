@@ -124,7 +124,6 @@ pub fn execute(
     opts: &WriteOptions,
     verify: Option<(&Source, &verify::VerifyOptions)>,
 ) -> Result<(WriteSummary, Option<verify::VerifyReport>), Error> {
-    write::check_out(&meta.dir, &opts.out, opts.force)?;
     let ckpt = Checkpoint::open(meta)?;
     let staged = write::write_staged(&ckpt, plan, opts)?;
     let report = match verify {

@@ -110,10 +110,6 @@ impl Preset {
     }
 }
 
-fn vecf(a: Option<&Vec<f64>>) -> Option<Vec<f64>> {
-    a.cloned()
-}
-
 fn f64s(v: &Option<Vec<f32>>) -> Option<Vec<f64>> {
     v.as_ref().map(|v| v.iter().map(|&x| x as f64).collect())
 }
@@ -327,7 +323,7 @@ impl Problem {
                 }
             }
         }
-        if let Some(bo) = vecf(f64s(&self.bo).as_ref()) {
+        if let Some(bo) = f64s(&self.bo) {
             for o in out.iter_mut() {
                 for (a, b) in o.iter_mut().zip(&bo) {
                     *a += b;

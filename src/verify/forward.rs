@@ -162,19 +162,19 @@ pub fn host_vec(c: &Checkpoint, mapping: Option<&Mapping>, name: Option<&str>) -
         .ok_or_else(|| forward_err(format!("tensor {} is {dtype}, not a float type", q(name))))
 }
 
+/// [`host_vec`] as f64, checked to have `len` elements.
 fn vector(
     c: &Checkpoint,
     mapping: Option<&Mapping>,
     name: Option<&String>,
     len: usize,
 ) -> Result<Option<Vec<f64>>, Error> {
-    let Some(name) = name else { return Ok(None) };
-    let Some((bytes, dtype, _)) = get(c, mapping, name) else { return Ok(None) };
-    let v: Vec<f64> = dtype::to_f32(dtype, bytes).unwrap_or_default().into_iter().map(f64::from).collect();
+    let Some(v) = host_vec(c, mapping, name.map(String::as_str))? else { return Ok(None) };
     if v.len() != len {
+        let name = name.map(String::as_str).unwrap_or_default();
         return Err(forward_err(format!("tensor {} has {} elements, expected {len}", q(name), v.len())));
     }
-    Ok(Some(v))
+    Ok(Some(v.into_iter().map(f64::from).collect()))
 }
 
 /// `x W^T + b` over W rows `rows`; the bias is indexed by absolute row. Parallel over rows.

@@ -244,18 +244,20 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
     let per_rank: Vec<RankResult> =
         (0..tp).into_par_iter().map(|r| check_rank(&ckpt, &plan, out, r, ranks.get(&r).unwrap_or(&empty))).collect();
     let (mut files, mut tensors, mut bytes) = (0, 0, 0);
+    let mut shards = Vec::with_capacity(tp);
     for rr in per_rank {
         files += rr.files;
         tensors += rr.tensors;
         bytes += rr.bytes;
         findings.extend(rr.findings);
+        shards.extend(rr.shard);
     }
     if let Some(m) = &manifest {
         findings.extend(check_manifest(m, out, tp, &ranks, &mapping));
     }
     let mut layers = Vec::new();
-    if opts.forward && mapping.file.cross_attention.is_some() && findings.is_empty() {
-        let shards = open_ranks(out, tp, &ranks)?;
+    // Without findings every rank's files opened, so `shards` holds all tp ranks in order.
+    if opts.forward && mapping.file.cross_attention.is_some() && findings.is_empty() && shards.len() == tp {
         layers =
             forward::check_all(&ckpt, &mapping, &resolved.dims, &shards, opts, forward::tolerance_for(plan.dtype))?;
         for l in &layers {
@@ -373,10 +375,12 @@ struct RankResult {
     tensors: usize,
     bytes: u64,
     findings: Vec<Finding>,
+    /// The rank's files, opened (kept for the forward check).
+    shard: Option<Checkpoint>,
 }
 
 fn check_rank(ckpt: &Checkpoint, plan: &ShardPlan, out: &Path, rank: usize, parts: &[(usize, String)]) -> RankResult {
-    let mut rr = RankResult { files: parts.len(), tensors: 0, bytes: 0, findings: Vec::new() };
+    let mut rr = RankResult { files: parts.len(), tensors: 0, bytes: 0, findings: Vec::new(), shard: None };
     let names: Vec<String> = parts.iter().map(|(_, n)| n.clone()).collect();
     if names.is_empty() {
         rr.findings.push(finding(FindingKind::Missing, Some(rank), None, "no files for this rank".into()));
@@ -435,6 +439,7 @@ fn check_rank(ckpt: &Checkpoint, plan: &ShardPlan, out: &Path, rank: usize, part
             ));
         }
     }
+    rr.shard = Some(shard);
     rr
 }
 
