@@ -11,8 +11,13 @@
 //! cache are not counted). Before every timed command an untimed `sync` and a 2 s pause let the
 //! previous command's writeback and the discards of deleted outputs finish (this disk is mounted
 //! with online `discard`: without the pause, whatever runs after a large delete pays for it), and
-//! the order of the commands rotates from one iteration to the next. Also: `--dtype` casting against the uncast time, and `plan` on the full-size
-//! mllama.
+//! the order of the commands rotates from one iteration to the next. Also: `--dtype` casting
+//! against the uncast time, and `plan` on the full-size mllama.
+//!
+//! When the disk has room for it (twice its 21.3 GB plus 2 GB), the full-size Llama-3.2-11B-Vision
+//! is converted too, at tp 4 and 8, at most 3 runs each (`--no-full` skips it). Its input does not
+//! fit the page cache of a small machine, so it is not warmed: that run reads from the disk, as a
+//! real 20-100 GB conversion does.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -59,9 +64,42 @@ fn run(cmd: &[&str]) -> Run {
     Run { secs, anon_kib: peak.load(Ordering::Relaxed) }
 }
 
+/// One benchmark input: its directory under `--dir`, how `synth` makes it, and how it is run.
+struct Input {
+    name: &'static str,
+    model: &'static str,
+    synth_args: &'static [&'static str],
+    tps: Vec<usize>,
+    runs: usize,
+    /// Read the input once before timing, so every command finds it in the page cache.
+    warm: bool,
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// "median (min-max)" of a set of timings.
+fn spread(v: &[f64]) -> String {
+    let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    format!("{:>7.3} ({:.2}-{:.2})", median(v.to_vec()), lo, hi)
+}
+
+/// Bytes free for an unprivileged user on the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs fills the zeroed struct it is given; `c` is a valid NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    st.f_bavail as u64 * st.f_frsize as u64
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |d| d.map(|e| e.unwrap().metadata().unwrap().len()).sum())
 }
 
 fn warm(dir: &Path) {
@@ -78,6 +116,7 @@ fn main() {
     let runs: usize = opt("--runs").map_or(5, |v| v.parse().unwrap());
     let dir = PathBuf::from(opt("--dir").unwrap_or_else(|| "/tmp/reshard-bench".into()));
     let quick = args.iter().any(|a| a == "--quick");
+    let no_full = args.iter().any(|a| a == "--no-full");
     let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
     let reshard = bin.join("reshard");
     let synth = bin.join("examples/synth");
@@ -85,13 +124,43 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
 
-    let mut inputs: Vec<(&str, Vec<&str>, Vec<usize>)> = vec![
-        ("bart-large", vec![], vec![1, 2, 4, 8]),
-        ("whisper-large-v3", vec![], vec![1, 2, 4]),
-        ("llama-3.2-11b-vision", vec!["--text-layers", "8", "--vision-layers", "4"], vec![1, 2, 4, 8]),
+    let input = |name, model, synth_args: &'static [&'static str], tps: &[usize], runs, warm| Input {
+        name,
+        model,
+        synth_args,
+        tps: tps.to_vec(),
+        runs,
+        warm,
+    };
+    let mut inputs = vec![
+        input("bart-large", "bart-large", &[], &[1, 2, 4, 8], runs, true),
+        input("whisper-large-v3", "whisper-large-v3", &[], &[1, 2, 4], runs, true),
+        input(
+            "llama-3.2-11b-vision",
+            "llama-3.2-11b-vision",
+            &["--text-layers", "8", "--vision-layers", "4"],
+            &[1, 2, 4, 8],
+            runs,
+            true,
+        ),
     ];
     if quick {
         inputs.truncate(1);
+    }
+    const FULL_BYTES: u64 = 21_340_000_000;
+    let full_src = dir.join("llama-3.2-11b-vision-full");
+    let full_have = dir_bytes(&full_src);
+    if !quick && !no_full {
+        let need = (2 * FULL_BYTES + (2 << 30)).saturating_sub(full_have);
+        if free_bytes(&dir) >= need {
+            inputs.push(input("llama-3.2-11b-vision-full", "llama-3.2-11b-vision", &[], &[4, 8], runs.min(3), false));
+        } else {
+            println!(
+                "full-size Llama-3.2-11B-Vision skipped: {} GB free, {} GB needed",
+                free_bytes(&dir) / 1_000_000_000,
+                need / 1_000_000_000
+            );
+        }
     }
     println!(
         "machine: {} cores, {}",
@@ -99,21 +168,24 @@ fn main() {
         std::fs::read_to_string("/proc/meminfo").unwrap().lines().next().unwrap()
     );
     println!("runs: {runs} each, alternating; times are medians in seconds; memory is the peak RssAnon\n");
-    for (name, extra, tps) in &inputs {
+    for Input { name, model, synth_args: extra, tps, runs, warm: warm_first } in &inputs {
+        let (name, runs) = (*name, *runs);
         let src = dir.join(name);
         if !src.join("config.json").exists() {
-            let mut cmd = vec![s(&synth), name.to_string(), s(&src)];
+            let mut cmd = vec![s(&synth), model.to_string(), s(&src)];
             cmd.extend(extra.iter().map(|e| e.to_string()));
             let c: Vec<&str> = cmd.iter().map(String::as_str).collect();
             run(&c);
         }
-        let bytes: u64 = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-        warm(&src);
+        let bytes = dir_bytes(&src);
+        if *warm_first {
+            warm(&src);
+        }
         let (cp_dst, out) = (dir.join("cp-out"), dir.join("reshard-out"));
         let mut cp_t = vec![];
         let mut cps_t = vec![];
         let mut rs: Vec<(String, Vec<f64>, u64)> = tps.iter().map(|t| (format!("--tp {t}"), vec![], 0)).collect();
-        let casts: Vec<&str> = if *name == "bart-large" { vec!["bf16", "f16"] } else { vec![] };
+        let casts: Vec<&str> = if name == "bart-large" { vec!["bf16", "f16"] } else { vec![] };
         rs.extend(casts.iter().map(|d| (format!("--tp 4 --dtype {d}"), vec![], 0)));
         rs.push(("--tp 4 --no-fsync".into(), vec![], 0));
         // One job per command; each iteration starts at a different job, so no command always runs
@@ -143,16 +215,20 @@ fn main() {
         }
         let _ = std::fs::remove_dir_all(&cp_dst);
         let _ = std::fs::remove_dir_all(&out);
-        let cp = median(cp_t);
-        println!("{name}: {:.2} GB in {}", bytes as f64 / 1e9, s(&src));
-        println!("  {:<28} {:>8.3}", "cp -r", cp);
-        println!("  {:<28} {:>8.3}  ({:.2} x cp)", "cp -r && sync", median(cps_t.clone()), median(cps_t) / cp);
+        let (cp, cps) = (median(cp_t.clone()), median(cps_t.clone()));
+        let cache = if *warm_first { "source in page cache" } else { "source not warmed" };
+        println!("{name}: {:.2} GB in {}, {cache}", bytes as f64 / 1e9, s(&src));
+        println!("  {:<30} {:>24}  {:>9}  {:>14}  peak anon", "", "median s (min-max)", "x cp -r", "x cp -r && sync");
+        println!("  {:<30} {}  {:>9.2}", "cp -r", spread(&cp_t), 1.0);
+        println!("  {:<30} {}  {:>9.2}  {:>14.2}", "cp -r && sync", spread(&cps_t), cps / cp, 1.0);
         for (flags, times, mem) in rs {
-            let m = median(times);
+            let m = median(times.clone());
             println!(
-                "  {:<28} {m:>8.3}  ({:.2} x cp)  peak anon {:.1} MiB",
+                "  {:<30} {}  {:>9.2}  {:>14.2}  {:.1} MiB",
                 format!("reshard {flags}"),
+                spread(&times),
                 m / cp,
+                m / cps,
                 mem as f64 / 1024.0
             );
         }

@@ -1,12 +1,15 @@
-//! The data path: every output file cut into independent work units that all cores share, so a
-//! single large file is written as fast as many small ones.
+//! The data path: each output file is cut into units in offset order and written by one thread,
+//! the files in parallel, largest first.
 //!
 //! A unit is a contiguous byte range of one output file: an in-kernel copy of a long contiguous
 //! source run (`copy_file_range` at explicit offsets, falling back to `pwrite` from the map), a
-//! gather of short runs (the rows of a row-parallel slice) into one buffer and one `pwrite`, a
-//! cast of a run into the target dtype, or zeros (left as a hole of the preallocated file). Each
-//! unit returns the CRC-32 of its bytes; a file's checksum is the ordered combination. Memory is
-//! bounded by the unit sizes times the number of threads, whatever the model size.
+//! gather of short runs (the rows of a row-parallel slice) and of runs to cast into one buffer of
+//! at most 4 MiB and one `pwrite`, or zeros (already there: the file is preallocated). The file's
+//! CRC-32 is computed as its units are written, the one of an in-kernel copy on another core
+//! meanwhile. Memory is bounded by one gather buffer per thread, whatever the model size.
+//!
+//! Why one writer per file: ext4 serialises buffered writes to one inode, so threads sharing a
+//! file wait for each other, spinning (docs/performance.md has the measurements).
 
 use super::{io, manifest::FileEntry, WriteError};
 use crate::checkpoint::Checkpoint;
@@ -15,7 +18,7 @@ use crate::plan::{split::byte_runs, Piece, ShardPlan};
 use rayon::prelude::*;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Runs at least this long are copied in-kernel.
 const BIG_RUN: usize = 1 << 20;
@@ -28,40 +31,70 @@ const CAST_ELEMS: usize = 1 << 19;
 
 #[derive(Debug)]
 enum Kind {
-    /// `len` bytes at `src_off` of source file `src`.
+    /// `len` bytes at `src_off` of source file `src`, copied in the kernel.
     Copy { src: usize, src_off: u64 },
-    /// Several short source runs, written back to back.
-    Gather { runs: Vec<(usize, u64, usize)> },
-    /// `n` elements at `src_off` of source file `src`, converted from `from` to `to`.
-    Cast { src: usize, src_off: u64, n: usize, from: Dtype, to: Dtype },
-    /// Zeros (already there: the file is preallocated sparse).
+    /// Source runs `(file, offset, bytes)` written back to back, each converted from `cast.0` to
+    /// `cast.1` when there is a cast.
+    Gather { runs: Vec<(usize, u64, usize)>, cast: Option<(Dtype, Dtype)> },
+    /// Zeros (already there: the file is preallocated).
     Zeros,
 }
 
 #[derive(Debug)]
 struct Unit {
-    file: usize,
     dst: u64,
     len: u64,
     kind: Kind,
 }
 
-/// Cuts every file of the plan into units; returns them and each file's header.
-fn units(ckpt: &Checkpoint, plan: &ShardPlan) -> Result<(Vec<Unit>, Vec<Vec<u8>>), WriteError> {
-    let mut out = Vec::new();
-    let mut headers = Vec::new();
-    for (fi, f) in plan.files.iter().enumerate() {
+/// One output file's units, in offset order, and its header.
+struct FileUnits {
+    header: Vec<u8>,
+    units: Vec<Unit>,
+}
+
+/// Accumulates short runs into gather units of at most `GATHER` output bytes.
+struct Gathering {
+    runs: Vec<(usize, u64, usize)>,
+    cast: Option<(Dtype, Dtype)>,
+    start: u64,
+    len: u64,
+}
+
+impl Gathering {
+    fn flush(&mut self, out: &mut Vec<Unit>) {
+        if !self.runs.is_empty() {
+            let kind = Kind::Gather { runs: std::mem::take(&mut self.runs), cast: self.cast };
+            out.push(Unit { dst: self.start, len: self.len, kind });
+        }
+        self.start += self.len;
+        self.len = 0;
+    }
+
+    /// Adds a run of `src_len` source bytes that becomes `out_len` output bytes.
+    fn push(&mut self, run: (usize, u64, usize), out_len: u64, cast: Option<(Dtype, Dtype)>, out: &mut Vec<Unit>) {
+        if !self.runs.is_empty() && (self.cast != cast || self.len + out_len > GATHER as u64) {
+            self.flush(out);
+        }
+        self.cast = cast;
+        self.runs.push(run);
+        self.len += out_len;
+    }
+
+    /// Ends the gathering at the current offset and returns it (for a unit that is not a gather).
+    fn skip_to(&mut self, out: &mut Vec<Unit>) -> u64 {
+        self.flush(out);
+        self.start
+    }
+}
+
+/// Cuts every file of the plan into units.
+fn units(ckpt: &Checkpoint, plan: &ShardPlan) -> Result<Vec<FileUnits>, WriteError> {
+    let mut files = Vec::with_capacity(plan.files.len());
+    for f in &plan.files {
         let header = super::header_bytes(&f.tensors);
-        let mut dst = header.len() as u64;
-        headers.push(header);
-        let mut gather: Vec<(usize, u64, usize)> = Vec::new();
-        let mut gather_start = dst;
-        let flush = |gather: &mut Vec<(usize, u64, usize)>, start: u64, out: &mut Vec<Unit>| {
-            if !gather.is_empty() {
-                let len = gather.iter().map(|g| g.2 as u64).sum();
-                out.push(Unit { file: fi, dst: start, len, kind: Kind::Gather { runs: std::mem::take(gather) } });
-            }
-        };
+        let mut out = Vec::new();
+        let mut g = Gathering { runs: Vec::new(), cast: None, start: header.len() as u64, len: 0 };
         for t in &f.tensors {
             let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * t.dtype.size();
             for piece in &t.pieces {
@@ -73,68 +106,48 @@ fn units(ckpt: &Checkpoint, plan: &ShardPlan) -> Result<(Vec<Unit>, Vec<Vec<u8>>
                             .get(source)
                             .ok_or_else(|| WriteError::Internal { tensor: t.name.clone(), from: source.clone() })?;
                         let elem = info.dtype.size();
+                        let cast = (info.dtype != t.dtype).then_some((info.dtype, t.dtype));
                         for (off, len) in byte_runs(source_shape, elem, *dim, *start, *end) {
                             let src_off = info.start + off as u64;
-                            if info.dtype != t.dtype {
-                                flush(&mut gather, gather_start, &mut out);
-                                let n = len / elem;
-                                for k in (0..n).step_by(CAST_ELEMS) {
-                                    let m = CAST_ELEMS.min(n - k);
-                                    let l = (m * t.dtype.size()) as u64;
-                                    let kind = Kind::Cast {
-                                        src: info.file,
-                                        src_off: src_off + (k * elem) as u64,
-                                        n: m,
-                                        from: info.dtype,
-                                        to: t.dtype,
-                                    };
-                                    out.push(Unit { file: fi, dst, len: l, kind });
+                            if cast.is_none() && len >= BIG_RUN {
+                                let mut dst = g.skip_to(&mut out);
+                                for k in (0..len).step_by(CHUNK) {
+                                    let l = CHUNK.min(len - k) as u64;
+                                    let kind = Kind::Copy { src: info.file, src_off: src_off + k as u64 };
+                                    out.push(Unit { dst, len: l, kind });
                                     dst += l;
                                 }
-                                gather_start = dst;
-                            } else if len >= BIG_RUN {
-                                flush(&mut gather, gather_start, &mut out);
-                                for k in (0..len).step_by(CHUNK) {
-                                    let l = CHUNK.min(len - k);
-                                    out.push(Unit {
-                                        file: fi,
-                                        dst,
-                                        len: l as u64,
-                                        kind: Kind::Copy { src: info.file, src_off: src_off + k as u64 },
-                                    });
-                                    dst += l as u64;
-                                }
-                                gather_start = dst;
+                                g.start = dst;
                             } else {
-                                let pending: usize = gather.iter().map(|g| g.2).sum();
-                                if pending + len > GATHER {
-                                    flush(&mut gather, gather_start, &mut out);
-                                    gather_start = dst;
+                                // Long runs to cast are cut so a unit's buffer stays bounded.
+                                let step = if cast.is_some() { CAST_ELEMS * elem } else { len.max(1) };
+                                for k in (0..len).step_by(step) {
+                                    let l = step.min(len - k);
+                                    let out_len = (l / elem * t.dtype.size()) as u64;
+                                    g.push((info.file, src_off + k as u64, l), out_len, cast, &mut out);
                                 }
-                                gather.push((info.file, src_off, len));
-                                dst += len as u64;
                             }
                         }
                     }
                     Piece::Zeros { rows, .. } => {
-                        flush(&mut gather, gather_start, &mut out);
+                        let dst = g.skip_to(&mut out);
                         let len = ((rows[1] - rows[0]) * row_bytes) as u64;
-                        out.push(Unit { file: fi, dst, len, kind: Kind::Zeros });
-                        dst += len;
-                        gather_start = dst;
+                        out.push(Unit { dst, len, kind: Kind::Zeros });
+                        g.start = dst + len;
                     }
                 }
             }
         }
-        flush(&mut gather, gather_start, &mut out);
-        if dst != f.size {
+        let end = g.skip_to(&mut out);
+        if end != f.size {
             return Err(WriteError::Internal {
                 tensor: f.name.clone(),
-                from: format!("layout of {} bytes, planned {}", dst, f.size),
+                from: format!("layout of {} bytes, planned {}", end, f.size),
             });
         }
+        files.push(FileUnits { header, units: out });
     }
-    Ok((out, headers))
+    Ok(files)
 }
 
 fn src_slice(ckpt: &Checkpoint, file: usize, off: u64, len: usize) -> Result<&[u8], WriteError> {
@@ -196,45 +209,103 @@ fn start_writeback(f: &File, off: u64, len: u64) {
 
 static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
 
-fn exec(ckpt: &Checkpoint, u: &Unit, dst: &File, path: &Path, fsync: bool) -> Result<u32, WriteError> {
-    let crc = match &u.kind {
+/// Writes one unit into `dst` and feeds its bytes to `crc`; `buf` is the caller's scratch space.
+fn exec(
+    ckpt: &Checkpoint,
+    u: &Unit,
+    dst: &File,
+    path: &Path,
+    buf: &mut Vec<u8>,
+    crc: &mut crc32fast::Hasher,
+) -> Result<(), WriteError> {
+    match &u.kind {
         Kind::Copy { src, src_off } => {
             let bytes = src_slice(ckpt, *src, *src_off, u.len as usize)?;
-            if !copy_range(ckpt.file(*src), *src_off, dst, u.dst, u.len as usize).map_err(io(path))? {
+            // The checksum needs no lock on the output: an idle core computes it meanwhile.
+            let (copied, sum) = rayon::join(
+                || copy_range(ckpt.file(*src), *src_off, dst, u.dst, u.len as usize),
+                || crc32fast::hash(bytes),
+            );
+            if !copied.map_err(io(path))? {
                 dst.write_all_at(bytes, u.dst).map_err(io(path))?;
             }
-            crc32fast::hash(bytes)
+            crc.combine(&crc32fast::Hasher::new_with_initial_len(sum, u.len));
         }
-        Kind::Gather { runs } => {
-            let mut buf = Vec::with_capacity(u.len as usize);
+        Kind::Gather { runs, cast } => {
+            buf.clear();
             for (src, off, len) in runs {
-                buf.extend_from_slice(src_slice(ckpt, *src, *off, *len)?);
+                let bytes = src_slice(ckpt, *src, *off, *len)?;
+                match cast {
+                    Some((from, to)) => dtype::cast_into(*from, bytes, *to, buf),
+                    None => buf.extend_from_slice(bytes),
+                }
             }
-            dst.write_all_at(&buf, u.dst).map_err(io(path))?;
-            crc32fast::hash(&buf)
-        }
-        Kind::Cast { src, src_off, n, from, to } => {
-            let bytes = src_slice(ckpt, *src, *src_off, n * from.size())?;
-            let mut buf = Vec::with_capacity(u.len as usize);
-            dtype::cast_into(*from, bytes, *to, &mut buf);
-            dst.write_all_at(&buf, u.dst).map_err(io(path))?;
-            crc32fast::hash(&buf)
+            dst.write_all_at(buf, u.dst).map_err(io(path))?;
+            crc.update(buf);
         }
         Kind::Zeros => {
-            let mut h = crc32fast::Hasher::new();
             let mut left = u.len as usize;
             while left > 0 {
                 let n = left.min(ZEROS.len());
-                h.update(&ZEROS[..n]);
+                crc.update(&ZEROS[..n]);
                 left -= n;
             }
-            h.finalize()
         }
-    };
-    if fsync {
-        start_writeback(dst, u.dst, u.len);
     }
-    Ok(crc)
+    Ok(())
+}
+
+/// Reserves the file's blocks up front (fewer, larger extents and an early ENOSPC); falls back
+/// to a sparse file where the filesystem cannot.
+fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if size > 0 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on an open descriptor; no memory is shared with the kernel.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)) {
+            return Err(e);
+        }
+    }
+    file.set_len(size)
+}
+
+/// Writes one output file, unit after unit, and returns its CRC-32.
+///
+/// One thread per file: ext4 (like most filesystems) serialises buffered writes to one inode, so
+/// two threads writing the same file only wait for each other (measured: docs/performance.md).
+fn write_file(
+    ckpt: &Checkpoint,
+    fu: &FileUnits,
+    size: u64,
+    path: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+    fsync: bool,
+) -> Result<String, WriteError> {
+    let file = File::create(path).map_err(io(path))?;
+    preallocate(&file, size).map_err(io(path))?;
+    file.write_all_at(&fu.header, 0).map_err(io(path))?;
+    super::crash_point();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&fu.header);
+    let mut buf = Vec::new();
+    for u in &fu.units {
+        exec(ckpt, u, &file, path, &mut buf, &mut crc)?;
+        if fsync {
+            start_writeback(&file, u.dst, u.len);
+        }
+        super::crash_point();
+        progress(u.len);
+    }
+    if fsync {
+        file.sync_all().map_err(io(path))?;
+    }
+    super::crash_point();
+    Ok(format!("{:08x}", crc.finalize()))
 }
 
 /// Writes every file of `plan` into `dir`; returns their manifest entries (size and CRC-32).
@@ -246,54 +317,23 @@ pub fn write_files(
     progress: &(dyn Fn(u64) + Sync),
     fsync: bool,
 ) -> Result<Vec<FileEntry>, WriteError> {
-    let (units, headers) = units(ckpt, plan)?;
-    let paths: Vec<PathBuf> = plan.files.iter().map(|f| dir.join(&f.name)).collect();
-    let mut files = Vec::with_capacity(paths.len());
-    for ((f, path), header) in plan.files.iter().zip(&paths).zip(&headers) {
-        let file = File::create(path).map_err(io(path))?;
-        file.set_len(f.size).map_err(io(path))?;
-        file.write_all_at(header, 0).map_err(io(path))?;
-        super::crash_point();
-        files.push(file);
-    }
-    let crcs: Vec<u32> = units
+    let files = units(ckpt, plan)?;
+    // Largest files first, so the last one to start is a small one.
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(plan.files[i].size));
+    let mut crcs: Vec<(usize, String)> = order
         .par_iter()
-        .map(|u| {
-            let crc = exec(ckpt, u, &files[u.file], &paths[u.file], fsync)?;
-            super::crash_point();
-            progress(u.len);
-            Ok(crc)
+        .with_max_len(1)
+        .map(|&i| {
+            let f = &plan.files[i];
+            write_file(ckpt, &files[i], f.size, &dir.join(&f.name), progress, fsync).map(|c| (i, c))
         })
         .collect::<Result<_, WriteError>>()?;
-    files.par_iter().zip(&paths).try_for_each(|(f, p)| {
-        if fsync {
-            f.sync_all().map_err(io(p))?;
-        }
-        super::crash_point();
-        Ok::<_, WriteError>(())
-    })?;
-    // Units are in file order, each file's in offset order.
-    let mut hashers: Vec<crc32fast::Hasher> = headers
-        .iter()
-        .map(|h| {
-            let mut x = crc32fast::Hasher::new();
-            x.update(h);
-            x
-        })
-        .collect();
-    for (u, crc) in units.iter().zip(crcs) {
-        hashers[u.file].combine(&crc32fast::Hasher::new_with_initial_len(crc, u.len));
-    }
+    crcs.sort();
     Ok(plan
         .files
         .iter()
-        .zip(hashers)
-        .map(|(f, h)| FileEntry {
-            name: f.name.clone(),
-            rank: f.rank,
-            part: f.part,
-            size: f.size,
-            crc32: format!("{:08x}", h.finalize()),
-        })
+        .zip(crcs)
+        .map(|(f, (_, crc32))| FileEntry { name: f.name.clone(), rank: f.rank, part: f.part, size: f.size, crc32 })
         .collect())
 }
