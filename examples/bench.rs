@@ -1,6 +1,7 @@
 //! Conversion benchmark: `cp -r` against `reshard convert`, run alternately on the same disk.
 //!
-//!     cargo build --release --examples && target/release/examples/bench [--runs 5] [--dir /work/bench] [--quick]
+//!     cargo build --release --examples && target/release/examples/bench [--runs 5] [--dir /work/bench]
+//!         [--quick] [--only NAME] [--no-full]
 //!
 //! Generates the synthetic real-shape inputs with `synth` when missing (BART-large fp32 ~1.6 GB,
 //! Whisper-large-v3 fp16 ~3.1 GB, a reduced-depth Llama-3.2-11B-Vision bf16 with real widths, and
@@ -12,7 +13,9 @@
 //! previous command's writeback and the discards of deleted outputs finish (this disk is mounted
 //! with online `discard`: without the pause, whatever runs after a large delete pays for it), and
 //! the order of the commands rotates from one iteration to the next. Also: `--dtype` casting
-//! against the uncast time, and `plan` on the full-size mllama.
+//! against the uncast time (BART fp32 to bf16 and f16, which halves the bytes written; Whisper fp16
+//! to bf16, which keeps them), and `plan` on the full-size mllama. `--quick` runs BART-large only;
+//! `--only NAME` one input (a directory name below).
 //!
 //! When the disk has room for it (twice its 21.3 GB plus 2 GB), the full-size Llama-3.2-11B-Vision
 //! is converted too, at tp 4 and 8, at most 3 runs each (`--no-full` skips it). Its input does not
@@ -147,10 +150,13 @@ fn main() {
     if quick {
         inputs.truncate(1);
     }
+    if let Some(only) = opt("--only") {
+        inputs.retain(|i| i.name == only);
+    }
     const FULL_BYTES: u64 = 21_340_000_000;
     let full_src = dir.join("llama-3.2-11b-vision-full");
     let full_have = dir_bytes(&full_src);
-    if !quick && !no_full {
+    if !quick && !no_full && opt("--only").is_none_or(|o| o == "llama-3.2-11b-vision-full") {
         let need = (2 * FULL_BYTES + (2 << 30)).saturating_sub(full_have);
         if free_bytes(&dir) >= need {
             inputs.push(input("llama-3.2-11b-vision-full", "llama-3.2-11b-vision", &[], &[4, 8], runs.min(3), false));
@@ -185,7 +191,13 @@ fn main() {
         let mut cp_t = vec![];
         let mut cps_t = vec![];
         let mut rs: Vec<(String, Vec<f64>, u64)> = tps.iter().map(|t| (format!("--tp {t}"), vec![], 0)).collect();
-        let casts: Vec<&str> = if name == "bart-large" { vec!["bf16", "f16"] } else { vec![] };
+        // fp32 -> bf16/f16 halves the bytes written; fp16 -> bf16 keeps them, so it shows the cost
+        // of the conversion itself.
+        let casts: Vec<&str> = match name {
+            "bart-large" => vec!["bf16", "f16"],
+            "whisper-large-v3" => vec!["bf16"],
+            _ => vec![],
+        };
         rs.extend(casts.iter().map(|d| (format!("--tp 4 --dtype {d}"), vec![], 0)));
         rs.push(("--tp 4 --no-fsync".into(), vec![], 0));
         // One job per command; each iteration starts at a different job, so no command always runs

@@ -14,7 +14,7 @@
 use super::{io, manifest::FileEntry, WriteError};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::{self, Dtype};
-use crate::plan::{split::byte_runs, Piece, ShardPlan};
+use crate::plan::{split::byte_runs, FilePlan, Piece, ShardPlan};
 use rayon::prelude::*;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -45,12 +45,6 @@ struct Unit {
     dst: u64,
     len: u64,
     kind: Kind,
-}
-
-/// One output file's units, in offset order, and its header.
-struct FileUnits {
-    header: Vec<u8>,
-    units: Vec<Unit>,
 }
 
 /// Accumulates short runs into gather units of at most `GATHER` output bytes.
@@ -88,66 +82,70 @@ impl Gathering {
     }
 }
 
-/// Cuts every file of the plan into units.
-fn units(ckpt: &Checkpoint, plan: &ShardPlan) -> Result<Vec<FileUnits>, WriteError> {
-    let mut files = Vec::with_capacity(plan.files.len());
-    for f in &plan.files {
-        let header = super::header_bytes(&f.tensors);
-        let mut out = Vec::new();
-        let mut g = Gathering { runs: Vec::new(), cast: None, start: header.len() as u64, len: 0 };
-        for t in &f.tensors {
-            let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * t.dtype.size();
-            for piece in &t.pieces {
-                match piece {
-                    Piece::Copy { source, source_shape, dim, start, end, .. } => {
-                        let info = ckpt
-                            .meta
-                            .tensors
-                            .get(source)
-                            .ok_or_else(|| WriteError::Internal { tensor: t.name.clone(), from: source.clone() })?;
-                        let elem = info.dtype.size();
-                        let cast = (info.dtype != t.dtype).then_some((info.dtype, t.dtype));
-                        for (off, len) in byte_runs(source_shape, elem, *dim, *start, *end) {
-                            let src_off = info.start + off as u64;
-                            if cast.is_none() && len >= BIG_RUN {
-                                let mut dst = g.skip_to(&mut out);
-                                for k in (0..len).step_by(CHUNK) {
-                                    let l = CHUNK.min(len - k) as u64;
-                                    let kind = Kind::Copy { src: info.file, src_off: src_off + k as u64 };
-                                    out.push(Unit { dst, len: l, kind });
-                                    dst += l;
-                                }
-                                g.start = dst;
-                            } else {
-                                // Long runs to cast are cut so a unit's buffer stays bounded.
-                                let step = if cast.is_some() { CAST_ELEMS * elem } else { len.max(1) };
-                                for k in (0..len).step_by(step) {
-                                    let l = step.min(len - k);
-                                    let out_len = (l / elem * t.dtype.size()) as u64;
-                                    g.push((info.file, src_off + k as u64, l), out_len, cast, &mut out);
-                                }
+/// Cuts one file of the plan into units and hands them to `emit` in offset order, as they are
+/// made: only the units of one piece are held at a time, so memory does not grow with the number
+/// of rows in the model.
+fn cut(
+    ckpt: &Checkpoint,
+    f: &FilePlan,
+    header_len: u64,
+    emit: &mut dyn FnMut(Unit) -> Result<(), WriteError>,
+) -> Result<(), WriteError> {
+    let mut out = Vec::new();
+    let mut g = Gathering { runs: Vec::new(), cast: None, start: header_len, len: 0 };
+    for t in &f.tensors {
+        let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * t.dtype.size();
+        for piece in &t.pieces {
+            match piece {
+                Piece::Copy { source, source_shape, dim, start, end, .. } => {
+                    let info = ckpt
+                        .meta
+                        .tensors
+                        .get(source)
+                        .ok_or_else(|| WriteError::Internal { tensor: t.name.clone(), from: source.clone() })?;
+                    let elem = info.dtype.size();
+                    let cast = (info.dtype != t.dtype).then_some((info.dtype, t.dtype));
+                    for (off, len) in byte_runs(source_shape, elem, *dim, *start, *end) {
+                        let src_off = info.start + off as u64;
+                        if cast.is_none() && len >= BIG_RUN {
+                            let mut dst = g.skip_to(&mut out);
+                            for k in (0..len).step_by(CHUNK) {
+                                let l = CHUNK.min(len - k) as u64;
+                                let kind = Kind::Copy { src: info.file, src_off: src_off + k as u64 };
+                                out.push(Unit { dst, len: l, kind });
+                                dst += l;
+                            }
+                            g.start = dst;
+                        } else {
+                            // Long runs to cast are cut so a unit's buffer stays bounded.
+                            let step = if cast.is_some() { CAST_ELEMS * elem } else { len.max(1) };
+                            for k in (0..len).step_by(step) {
+                                let l = step.min(len - k);
+                                let out_len = (l / elem * t.dtype.size()) as u64;
+                                g.push((info.file, src_off + k as u64, l), out_len, cast, &mut out);
                             }
                         }
                     }
-                    Piece::Zeros { rows, .. } => {
-                        let dst = g.skip_to(&mut out);
-                        let len = ((rows[1] - rows[0]) * row_bytes) as u64;
-                        out.push(Unit { dst, len, kind: Kind::Zeros });
-                        g.start = dst + len;
-                    }
+                }
+                Piece::Zeros { rows, .. } => {
+                    let dst = g.skip_to(&mut out);
+                    let len = ((rows[1] - rows[0]) * row_bytes) as u64;
+                    out.push(Unit { dst, len, kind: Kind::Zeros });
+                    g.start = dst + len;
                 }
             }
+            out.drain(..).try_for_each(&mut *emit)?;
         }
-        let end = g.skip_to(&mut out);
-        if end != f.size {
-            return Err(WriteError::Internal {
-                tensor: f.name.clone(),
-                from: format!("layout of {} bytes, planned {}", end, f.size),
-            });
-        }
-        files.push(FileUnits { header, units: out });
     }
-    Ok(files)
+    let end = g.skip_to(&mut out);
+    out.drain(..).try_for_each(&mut *emit)?;
+    if end != f.size {
+        return Err(WriteError::Internal {
+            tensor: f.name.clone(),
+            from: format!("layout of {} bytes, planned {}", end, f.size),
+        });
+    }
+    Ok(())
 }
 
 fn src_slice(ckpt: &Checkpoint, file: usize, off: u64, len: usize) -> Result<&[u8], WriteError> {
@@ -280,27 +278,28 @@ fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
 /// two threads writing the same file only wait for each other (measured: docs/performance.md).
 fn write_file(
     ckpt: &Checkpoint,
-    fu: &FileUnits,
-    size: u64,
+    f: &FilePlan,
     path: &Path,
     progress: &(dyn Fn(u64) + Sync),
     fsync: bool,
 ) -> Result<String, WriteError> {
+    let header = super::header_bytes(&f.tensors);
     let file = File::create(path).map_err(io(path))?;
-    preallocate(&file, size).map_err(io(path))?;
-    file.write_all_at(&fu.header, 0).map_err(io(path))?;
+    preallocate(&file, f.size).map_err(io(path))?;
+    file.write_all_at(&header, 0).map_err(io(path))?;
     super::crash_point();
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&fu.header);
+    crc.update(&header);
     let mut buf = Vec::new();
-    for u in &fu.units {
-        exec(ckpt, u, &file, path, &mut buf, &mut crc)?;
+    cut(ckpt, f, header.len() as u64, &mut |u| {
+        exec(ckpt, &u, &file, path, &mut buf, &mut crc)?;
         if fsync {
             start_writeback(&file, u.dst, u.len);
         }
         super::crash_point();
         progress(u.len);
-    }
+        Ok(())
+    })?;
     if fsync {
         file.sync_all().map_err(io(path))?;
     }
@@ -317,16 +316,19 @@ pub fn write_files(
     progress: &(dyn Fn(u64) + Sync),
     fsync: bool,
 ) -> Result<Vec<FileEntry>, WriteError> {
-    let files = units(ckpt, plan)?;
+    // The layout of every file is checked before anything is written.
+    for f in &plan.files {
+        cut(ckpt, f, super::header_bytes(&f.tensors).len() as u64, &mut |_| Ok(()))?;
+    }
     // Largest files first, so the last one to start is a small one.
-    let mut order: Vec<usize> = (0..files.len()).collect();
+    let mut order: Vec<usize> = (0..plan.files.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.files[i].size));
     let mut crcs: Vec<(usize, String)> = order
         .par_iter()
         .with_max_len(1)
         .map(|&i| {
             let f = &plan.files[i];
-            write_file(ckpt, &files[i], f.size, &dir.join(&f.name), progress, fsync).map(|c| (i, c))
+            write_file(ckpt, f, &dir.join(&f.name), progress, fsync).map(|c| (i, c))
         })
         .collect::<Result<_, WriteError>>()?;
     crcs.sort();
