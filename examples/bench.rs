@@ -118,6 +118,17 @@ fn main() {
     let opt = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
     let runs: usize = opt("--runs").map_or(5, |v| v.parse().unwrap());
     let dir = PathBuf::from(opt("--dir").unwrap_or_else(|| "/tmp/reshard-bench".into()));
+    let usage = "usage: bench [--runs N] [--dir DIR] [--quick] [--only NAME] [--no-full]";
+    let known = ["--runs", "--dir", "--only", "--quick", "--no-full"];
+    let mut i = 0;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if !known.contains(&a) {
+            eprintln!("{usage}\n(unknown argument {a:?}; see the doc comment of examples/bench.rs)");
+            std::process::exit(2);
+        }
+        i += if matches!(a, "--runs" | "--dir" | "--only") { 2 } else { 1 };
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let no_full = args.iter().any(|a| a == "--no-full");
     let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
