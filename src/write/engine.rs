@@ -1,15 +1,23 @@
 //! The data path: each output file is cut into units in offset order and written by one thread,
 //! the files in parallel, largest first.
 //!
-//! A unit is a contiguous byte range of one output file: an in-kernel copy of a long contiguous
-//! source run (`copy_file_range` at explicit offsets, falling back to `pwrite` from the map), a
-//! gather of short runs (the rows of a row-parallel slice) and of runs to cast into one buffer of
-//! at most 4 MiB and one `pwrite`, or zeros (already there: the file is preallocated). The file's
-//! CRC-32 is computed as its units are written, the one of an in-kernel copy on another core
-//! meanwhile. Memory is bounded by one gather buffer per thread, whatever the model size.
+//! A unit is a contiguous byte range of one output file: a long contiguous source run, a gather
+//! of short runs (the rows of a row-parallel slice) and of runs to cast into one buffer of at most
+//! 4 MiB, or zeros. Units are cut as they are written, one tensor piece at a time, so memory is
+//! bounded by a few buffers per thread, whatever the model size.
 //!
-//! Why one writer per file: ext4 serialises buffered writes to one inode, so threads sharing a
-//! file wait for each other, spinning (docs/performance.md has the measurements).
+//! Two ways to write them ([`Io`]):
+//! - durable output (the default, fsynced before the rename) goes around the page cache
+//!   (`O_DIRECT`): the file is streamed through two aligned 4 MiB blocks, one filled (`pread` of
+//!   long runs, gathers, casts, zeros) while a writer thread writes the other. The bytes have to
+//!   reach the disk anyway; going through the cache first costs a copy into fresh cache pages,
+//!   which on a VM whose free memory is handed back to the host (balloon free page reporting)
+//!   also costs a host fault per page: measured 2x slower for casts (docs/performance.md);
+//! - `--no-fsync` goes through the page cache: in-kernel `copy_file_range` for long runs, one
+//!   `pwrite` per gather, zeros left to the preallocated file.
+//!
+//! The file's CRC-32 is computed as its bytes are written. One writer per file: ext4 serialises
+//! buffered writes to one inode, so threads sharing a file wait for each other, spinning.
 
 use super::{io, manifest::FileEntry, WriteError};
 use crate::checkpoint::Checkpoint;
@@ -272,6 +280,240 @@ fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
     file.set_len(size)
 }
 
+/// Block size and alignment of direct (`O_DIRECT`) writes.
+const ALIGN: usize = 4096;
+/// Bytes a direct writer stages before each write.
+const DIRECT_BUF: usize = 4 << 20;
+
+/// How output files are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Io {
+    /// Through the page cache: in-kernel copies and `pwrite`s, writeback started per unit.
+    Buffered,
+    /// Around the page cache (`O_DIRECT`): the file is streamed, in offset order, through one
+    /// aligned buffer and written in 4 MiB blocks straight to the disk.
+    Direct,
+}
+
+/// A [`DIRECT_BUF`] block of memory aligned to [`ALIGN`] (allocated with room to spare).
+struct Block {
+    mem: Vec<u8>,
+    skew: usize,
+}
+
+impl Block {
+    fn new() -> Self {
+        let mem = vec![0u8; DIRECT_BUF + ALIGN];
+        let skew = mem.as_ptr().align_offset(ALIGN);
+        Block { mem, skew }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.mem[self.skew..self.skew + DIRECT_BUF]
+    }
+}
+
+/// A file written as a stream, in offset order, through two aligned blocks: one is filled while
+/// a writer thread writes the other. The last block is padded to [`ALIGN`];
+/// [`stream_to`] cuts the file back to size.
+struct Stream<'a> {
+    path: &'a Path,
+    cur: Block,
+    fill: usize,
+    /// File offset of the current block's first byte.
+    pos: u64,
+    crc: crc32fast::Hasher,
+    /// Full blocks to the writer: (block, bytes to write, file offset).
+    full: std::sync::mpsc::SyncSender<(Block, usize, u64)>,
+    /// Written blocks back from the writer.
+    free: std::sync::mpsc::Receiver<Block>,
+}
+
+impl Stream<'_> {
+    /// Hands the current block (padded to [`ALIGN`]) to the writer and takes the other one.
+    fn flush(&mut self) -> Result<(), WriteError> {
+        let fill = self.fill;
+        let padded = fill.next_multiple_of(ALIGN);
+        let block = self.cur.bytes();
+        self.crc.update(&block[..fill]);
+        block[fill..padded].fill(0);
+        // A closed channel means the writer stopped on an error, which `stream_to` reports.
+        let stopped =
+            || WriteError::Io { path: self.path.to_path_buf(), source: std::io::Error::other("writer stopped") };
+        let next = self.free.recv().map_err(|_| stopped())?;
+        let full = std::mem::replace(&mut self.cur, next);
+        self.full.send((full, padded, self.pos)).map_err(|_| stopped())?;
+        self.pos += fill as u64;
+        self.fill = 0;
+        Ok(())
+    }
+
+    /// Appends `len` bytes made by `make`, which fills the slice it is given (at most a block)
+    /// with the bytes from `at` on.
+    fn put(
+        &mut self,
+        mut len: usize,
+        mut make: impl FnMut(&mut [u8], usize) -> Result<(), WriteError>,
+    ) -> Result<(), WriteError> {
+        let mut at = 0;
+        while len > 0 {
+            let n = len.min(DIRECT_BUF - self.fill);
+            let fill = self.fill;
+            make(&mut self.cur.bytes()[fill..fill + n], at)?;
+            self.fill += n;
+            at += n;
+            len -= n;
+            if self.fill == DIRECT_BUF {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+        self.put(bytes.len(), |b, at| {
+            b.copy_from_slice(&bytes[at..at + b.len()]);
+            Ok(())
+        })
+    }
+}
+
+/// Writes `size` bytes made by `fill` to `file` as a [`Stream`], with a writer thread, then cuts
+/// the padding of the last block off. Returns the CRC-32 of the bytes.
+fn stream_to(
+    file: &File,
+    path: &Path,
+    size: u64,
+    fill: impl FnOnce(&mut Stream) -> Result<(), WriteError>,
+) -> Result<crc32fast::Hasher, WriteError> {
+    use std::sync::mpsc::sync_channel;
+    let (full_tx, full_rx) = sync_channel::<(Block, usize, u64)>(1);
+    let (free_tx, free_rx) = sync_channel::<Block>(2);
+    let _ = free_tx.send(Block::new());
+    let (streamed, written) = std::thread::scope(|sc| {
+        let writer = sc.spawn(move || -> Result<(), WriteError> {
+            for (mut b, len, pos) in full_rx {
+                file.write_all_at(&b.bytes()[..len], pos).map_err(io(path))?;
+                if free_tx.send(b).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let mut out = Stream {
+            path,
+            cur: Block::new(),
+            fill: 0,
+            pos: 0,
+            crc: crc32fast::Hasher::new(),
+            full: full_tx,
+            free: free_rx,
+        };
+        let streamed = fill(&mut out).and_then(|()| if out.fill > 0 { out.flush() } else { Ok(()) });
+        let (pos, crc) = (out.pos, out.crc.clone());
+        drop(out); // closes the channel: the writer ends once it has written what it holds
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(WriteError::Internal { tensor: path.display().to_string(), from: "writer thread panicked".into() })
+        });
+        (streamed.map(|()| (pos, crc)), written)
+    });
+    // The writer's error first: it is the cause of a "writer stopped".
+    written?;
+    let (pos, crc) = streamed?;
+    if pos != size {
+        return Err(WriteError::Internal {
+            tensor: path.display().to_string(),
+            from: format!("streamed {pos} bytes, planned {size}"),
+        });
+    }
+    file.set_len(size).map_err(io(path))?;
+    Ok(crc)
+}
+
+/// Appends one unit to a direct stream; `buf` is scratch space for gathers.
+fn exec_direct(ckpt: &Checkpoint, u: &Unit, out: &mut Stream, buf: &mut Vec<u8>) -> Result<(), WriteError> {
+    match &u.kind {
+        Kind::Copy { src, src_off } => {
+            // `pread` rather than the map: the kernel copies from its cache without a page
+            // fault per 4 KiB of source.
+            let (file, path) = (ckpt.file(*src), out.path);
+            out.put(u.len as usize, |b, at| {
+                file.read_exact_at(b, src_off + at as u64).map_err(|e| WriteError::Io {
+                    path: path.to_path_buf(),
+                    source: std::io::Error::new(e.kind(), format!("reading source file {src}: {e}")),
+                })
+            })
+        }
+        Kind::Gather { runs, cast } => {
+            buf.clear();
+            for (src, off, len) in runs {
+                let bytes = src_slice(ckpt, *src, *off, *len)?;
+                match cast {
+                    Some((from, to)) => dtype::cast_into(*from, bytes, *to, buf),
+                    None => buf.extend_from_slice(bytes),
+                }
+            }
+            out.append(buf)
+        }
+        Kind::Zeros => out.put(u.len as usize, |b, _| {
+            b.fill(0);
+            Ok(())
+        }),
+    }
+}
+
+/// Opens `path` for direct writes; `None` where the system has no `O_DIRECT`.
+fn create_direct(path: &Path) -> std::io::Result<Option<File>> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map(Some)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        Ok(None)
+    }
+}
+
+/// Whether direct writes work in `dir`: one aligned block written to a probe file, removed after.
+fn direct_works(dir: &Path) -> bool {
+    let probe = dir.join(".reshard-direct-probe");
+    let ok = match create_direct(&probe) {
+        Ok(Some(f)) => {
+            let mem = vec![0u8; 2 * ALIGN];
+            let skew = mem.as_ptr().align_offset(ALIGN);
+            f.write_all_at(&mem[skew..skew + ALIGN], 0).is_ok()
+        }
+        _ => false,
+    };
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
+/// Picks how to write into `dir`. Durable output is written around the page cache: on the disk
+/// it must reach anyway, without first filling (and faulting in) cache pages for it; without
+/// fsync the page cache is faster. `RESHARD_WRITE=direct|buffered` overrides the choice (tests,
+/// benchmarks); direct where the filesystem cannot is then an error.
+fn choose_io(dir: &Path, fsync: bool) -> Result<Io, WriteError> {
+    match std::env::var("RESHARD_WRITE").as_deref() {
+        Ok("buffered") => Ok(Io::Buffered),
+        Ok("direct") if direct_works(dir) => Ok(Io::Direct),
+        Ok("direct") => Err(WriteError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other("RESHARD_WRITE=direct, but this filesystem refuses O_DIRECT writes"),
+        }),
+        _ if fsync && direct_works(dir) => Ok(Io::Direct),
+        _ => Ok(Io::Buffered),
+    }
+}
+
 /// Writes one output file, unit after unit, and returns its CRC-32.
 ///
 /// One thread per file: ext4 (like most filesystems) serialises buffered writes to one inode, so
@@ -282,8 +524,12 @@ fn write_file(
     path: &Path,
     progress: &(dyn Fn(u64) + Sync),
     fsync: bool,
+    mode: Io,
 ) -> Result<String, WriteError> {
     let header = super::header_bytes(&f.tensors);
+    if mode == Io::Direct {
+        return write_file_direct(ckpt, f, &header, path, progress, fsync);
+    }
     let file = File::create(path).map_err(io(path))?;
     preallocate(&file, f.size).map_err(io(path))?;
     file.write_all_at(&header, 0).map_err(io(path))?;
@@ -307,6 +553,37 @@ fn write_file(
     Ok(format!("{:08x}", crc.finalize()))
 }
 
+/// [`write_file`] around the page cache: one stream, in offset order, through an aligned buffer.
+fn write_file_direct(
+    ckpt: &Checkpoint,
+    f: &FilePlan,
+    header: &[u8],
+    path: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+    fsync: bool,
+) -> Result<String, WriteError> {
+    let file = create_direct(path)
+        .map_err(io(path))?
+        .ok_or_else(|| WriteError::Io { path: path.to_path_buf(), source: std::io::Error::other("no O_DIRECT") })?;
+    preallocate(&file, f.size.next_multiple_of(ALIGN as u64)).map_err(io(path))?;
+    let crc = stream_to(&file, path, f.size, |out| {
+        out.append(header)?;
+        super::crash_point();
+        let mut buf = Vec::new();
+        cut(ckpt, f, header.len() as u64, &mut |u| {
+            exec_direct(ckpt, &u, out, &mut buf)?;
+            super::crash_point();
+            progress(u.len);
+            Ok(())
+        })
+    })?;
+    if fsync {
+        file.sync_all().map_err(io(path))?;
+    }
+    super::crash_point();
+    Ok(format!("{:08x}", crc.finalize()))
+}
+
 /// Writes every file of `plan` into `dir`; returns their manifest entries (size and CRC-32).
 /// With `fsync`, writeback starts as each unit is written and every file is fsynced at the end.
 pub fn write_files(
@@ -320,6 +597,7 @@ pub fn write_files(
     for f in &plan.files {
         cut(ckpt, f, super::header_bytes(&f.tensors).len() as u64, &mut |_| Ok(()))?;
     }
+    let mode = choose_io(dir, fsync)?;
     // Largest files first, so the last one to start is a small one.
     let mut order: Vec<usize> = (0..plan.files.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.files[i].size));
@@ -328,7 +606,7 @@ pub fn write_files(
         .with_max_len(1)
         .map(|&i| {
             let f = &plan.files[i];
-            write_file(ckpt, f, &dir.join(&f.name), progress, fsync).map(|c| (i, c))
+            write_file(ckpt, f, &dir.join(&f.name), progress, fsync, mode).map(|c| (i, c))
         })
         .collect::<Result<_, WriteError>>()?;
     crcs.sort();
@@ -338,4 +616,60 @@ pub fn write_files(
         .zip(crcs)
         .map(|(f, (_, crc32))| FileEntry { name: f.name.clone(), rank: f.rank, part: f.part, size: f.size, crc32 })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stream writes every byte at its offset, across block boundaries and with a last block
+    /// off the 4 KiB grid, cuts the padding off, and checksums exactly the bytes written. (A plain
+    /// file: the stream's logic does not depend on O_DIRECT, which the CLI tests exercise.)
+    #[test]
+    fn stream_writes_every_byte_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        for size in [1, ALIGN - 1, ALIGN, DIRECT_BUF, 2 * DIRECT_BUF + 12_345] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4099) as u8).collect();
+            let path = dir.path().join(format!("f{size}"));
+            let file = File::create(&path).unwrap();
+            // Uneven pieces, so appends straddle block boundaries.
+            let crc =
+                stream_to(&file, &path, size as u64, |out| data.chunks(1_000_003).try_for_each(|c| out.append(c)))
+                    .unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), data, "size {size}");
+            assert_eq!(crc.finalize(), crc32fast::hash(&data), "size {size}");
+        }
+    }
+
+    #[test]
+    fn stream_refuses_a_size_other_than_planned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = File::create(&path).unwrap();
+        let r = stream_to(&file, &path, 10, |out| out.append(&[1; 9]));
+        assert!(matches!(r, Err(WriteError::Internal { .. })), "{:?}", r.err());
+    }
+
+    /// A write error in the writer thread comes back as that error, not as a hang or a panic.
+    #[test]
+    fn stream_reports_the_writers_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"").unwrap();
+        let read_only = File::open(&path).unwrap();
+        let r = stream_to(&read_only, &path, 3 * DIRECT_BUF as u64, |out| {
+            (0..3).try_for_each(|_| {
+                out.put(DIRECT_BUF, |b, _| {
+                    b.fill(5);
+                    Ok(())
+                })
+            })
+        });
+        match r {
+            Err(WriteError::Io { path: p, source }) => {
+                assert!(p == path && source.to_string() != "writer stopped", "{source}")
+            }
+            other => panic!("{:?}", other.err()),
+        }
+    }
 }

@@ -159,6 +159,43 @@ fn json_summary() {
     assert!(v["verify"].is_null());
 }
 
+/// The two write paths (through the page cache, and around it with O_DIRECT, the default when
+/// output is fsynced) give the same files: casts (gathers), vocabulary padding and synthesized
+/// zeros, files split into parts that end off the 4 KiB grid, and files of several 4 MiB blocks.
+#[test]
+fn direct_and_buffered_writes_agree() {
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("bart-tiny", "2", &[]),
+        ("whisper-tiny", "2", &["--dtype", "bf16"]),
+        ("mllama-gqa", "4", &["--max-part-size", "100KiB"]),
+        ("mllama-sharded", "1", &["--dtype", "f32"]),
+    ];
+    for (name, tp, extra) in cases {
+        // On the checkout's disk, where O_DIRECT works (a tmpfs /tmp may refuse it).
+        let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let outs = ["direct", "buffered"].map(|mode| {
+            let (src, out) = (fixture(name), tmp.path().join(mode));
+            let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert", &src, &"--tp", &tp, &"--out", &out];
+            args.extend(extra.iter().map(|e| e as &dyn AsRef<std::ffi::OsStr>));
+            let r = reshard_env(&[("RESHARD_WRITE", mode)], &args);
+            assert_eq!(r.code, 0, "{name} {mode}: {}", r.stderr);
+            out
+        });
+        let mut names: Vec<_> = std::fs::read_dir(&outs[0]).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        let mut other: Vec<_> = std::fs::read_dir(&outs[1]).unwrap().map(|e| e.unwrap().file_name()).collect();
+        other.sort();
+        assert_eq!(names, other, "{name}: the same files");
+        assert!(names.len() > 2, "{name}: {names:?}");
+        for n in &names {
+            let read = |d: &Path| std::fs::read(d.join(n)).unwrap();
+            assert!(read(&outs[0]) == read(&outs[1]), "{name}: {n:?} differs between direct and buffered writes");
+        }
+        let v = reshard(&[&"verify", &fixture(name), &outs[0], &"--no-forward"]);
+        assert_eq!(v.code, 0, "{name}: {}", v.stdout);
+    }
+}
+
 #[test]
 fn no_fsync_writes_the_same_bytes() {
     let a = check("bart-tiny", 2, contract::bart, &["--no-fsync"]);

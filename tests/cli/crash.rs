@@ -8,8 +8,22 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
-fn convert(src: &Path, out: &Path, force: bool, crash_at: Option<u64>) -> std::process::Output {
+/// Which write path the runs take (`RESHARD_WRITE`): around the page cache, or through it.
+#[derive(Clone, Copy)]
+enum Io {
+    Direct,
+    Buffered,
+}
+
+fn convert(src: &Path, out: &Path, force: bool, crash_at: Option<u64>, mode: Io) -> std::process::Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_reshard"));
+    c.env(
+        "RESHARD_WRITE",
+        match mode {
+            Io::Direct => "direct",
+            Io::Buffered => "buffered",
+        },
+    );
     // Small parts: more files, more crash points.
     c.args(["convert", src.to_str().unwrap(), "--tp", "2", "--max-part-size", "64KiB", "--out", out.to_str().unwrap()]);
     if force {
@@ -39,14 +53,15 @@ fn leftovers(parent: &Path) -> Vec<String> {
         .collect()
 }
 
-fn crash_everywhere(force: bool) {
+fn crash_everywhere(force: bool, mode: Io) {
     let src = fixture("bart-awkward");
-    let tmp = tempfile::tempdir().unwrap();
+    // On the checkout's disk, where O_DIRECT works (a tmpfs /tmp may refuse it).
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let out = tmp.path().join("out");
     if force {
-        assert!(convert(&src, &out, false, None).status.success());
+        assert!(convert(&src, &out, false, None, mode).status.success());
     }
-    let total = points(&convert(&src, &out, force, None));
+    let total = points(&convert(&src, &out, force, None, mode));
     assert!(total >= 20, "only {total} crash points");
     for k in 1..=total {
         if force {
@@ -55,11 +70,11 @@ fn crash_everywhere(force: bool) {
             for l in leftovers(tmp.path()) {
                 fs::remove_dir_all(tmp.path().join(l)).unwrap();
             }
-            assert!(convert(&src, &out, false, None).status.success());
+            assert!(convert(&src, &out, false, None, mode).status.success());
         } else {
             let _ = fs::remove_dir_all(&out);
         }
-        let o = convert(&src, &out, force, Some(k));
+        let o = convert(&src, &out, force, Some(k), mode);
         assert_eq!(o.status.signal(), Some(9), "point {k}/{total}: not killed: {}", String::from_utf8_lossy(&o.stderr));
         // --out is absent or complete.
         assert!(!out.exists() || verify_ok(&src, &out), "point {k}/{total}: incomplete --out");
@@ -71,7 +86,7 @@ fn crash_everywhere(force: bool) {
         }
         let had_leftovers = !leftovers(tmp.path()).is_empty();
         // The next run cleans up and succeeds.
-        let again = convert(&src, &out, true, None);
+        let again = convert(&src, &out, true, None, mode);
         let stderr = String::from_utf8_lossy(&again.stderr);
         assert!(again.status.success(), "point {k}: recovery run failed: {stderr}");
         if had_leftovers {
@@ -84,10 +99,15 @@ fn crash_everywhere(force: bool) {
 
 #[test]
 fn sigkill_at_every_step_of_a_fresh_conversion() {
-    crash_everywhere(false);
+    crash_everywhere(false, Io::Direct);
 }
 
 #[test]
 fn sigkill_at_every_step_of_a_forced_replacement() {
-    crash_everywhere(true);
+    crash_everywhere(true, Io::Direct);
+}
+
+#[test]
+fn sigkill_at_every_step_of_a_conversion_through_the_page_cache() {
+    crash_everywhere(false, Io::Buffered);
 }

@@ -17,8 +17,14 @@ pub struct Out {
 
 /// Runs `reshard args...`; asserts it did not panic (whatever the exit code).
 pub fn reshard(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Out {
+    reshard_env(&[], args)
+}
+
+/// [`reshard`] with variables added to its environment.
+pub fn reshard_env(env: &[(&str, &str)], args: &[&dyn AsRef<std::ffi::OsStr>]) -> Out {
     let o = Command::new(env!("CARGO_BIN_EXE_reshard"))
         .args(args.iter().map(|a| a.as_ref()))
+        .envs(env.iter().copied())
         .output()
         .expect("spawn reshard");
     let out = Out {
