@@ -23,6 +23,32 @@ fn u(c: &Value, k: &str) -> usize {
     k.split('.').fold(c, |v, k| &v[k]).as_u64().unwrap_or_else(|| panic!("config key {k}")) as usize
 }
 
+/// The `n` layers of one side of a BART-style encoder-decoder (Whisper's k_proj has no bias).
+fn layers(t: &mut Tensors, side: &str, n: usize, d: usize, ffn: usize, k_bias: bool) {
+    for i in 0..n {
+        let l = format!("model.{side}.layers.{i}");
+        let attns: &[&str] = if side == "encoder" { &["self_attn"] } else { &["self_attn", "encoder_attn"] };
+        for a in attns {
+            for m in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                t.push((format!("{l}.{a}.{m}.weight"), vec![d, d]));
+                if k_bias || m != "k_proj" {
+                    t.push((format!("{l}.{a}.{m}.bias"), vec![d]));
+                }
+            }
+            for p in ["weight", "bias"] {
+                t.push((format!("{l}.{a}_layer_norm.{p}"), vec![d]));
+            }
+        }
+        t.push((format!("{l}.fc1.weight"), vec![ffn, d]));
+        t.push((format!("{l}.fc1.bias"), vec![ffn]));
+        t.push((format!("{l}.fc2.weight"), vec![d, ffn]));
+        t.push((format!("{l}.fc2.bias"), vec![d]));
+        for p in ["weight", "bias"] {
+            t.push((format!("{l}.final_layer_norm.{p}"), vec![d]));
+        }
+    }
+}
+
 fn bart(c: &Value) -> Tensors {
     let (d, ffn, v, pos) =
         (u(c, "d_model"), u(c, "encoder_ffn_dim"), u(c, "vocab_size"), u(c, "max_position_embeddings") + 2);
@@ -33,24 +59,7 @@ fn bart(c: &Value) -> Tensors {
         for p in ["weight", "bias"] {
             t.push((format!("model.{side}.layernorm_embedding.{p}"), vec![d]));
         }
-        for i in 0..n {
-            let l = format!("model.{side}.layers.{i}");
-            let attns: &[&str] = if side == "encoder" { &["self_attn"] } else { &["self_attn", "encoder_attn"] };
-            for a in attns {
-                for m in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                    t.push((format!("{l}.{a}.{m}.weight"), vec![d, d]));
-                    t.push((format!("{l}.{a}.{m}.bias"), vec![d]));
-                }
-                t.push((format!("{l}.{a}_layer_norm.weight"), vec![d]));
-                t.push((format!("{l}.{a}_layer_norm.bias"), vec![d]));
-            }
-            t.push((format!("{l}.fc1.weight"), vec![ffn, d]));
-            t.push((format!("{l}.fc1.bias"), vec![ffn]));
-            t.push((format!("{l}.fc2.weight"), vec![d, ffn]));
-            t.push((format!("{l}.fc2.bias"), vec![d]));
-            t.push((format!("{l}.final_layer_norm.weight"), vec![d]));
-            t.push((format!("{l}.final_layer_norm.bias"), vec![d]));
-        }
+        layers(&mut t, side, n, d, ffn, true);
     }
     t
 }
@@ -70,26 +79,7 @@ fn whisper(c: &Value) -> Tensors {
         for p in ["weight", "bias"] {
             t.push((format!("model.{side}.layer_norm.{p}"), vec![d]));
         }
-        for i in 0..u(c, &format!("{side}_layers")) {
-            let l = format!("model.{side}.layers.{i}");
-            let attns: &[&str] = if side == "encoder" { &["self_attn"] } else { &["self_attn", "encoder_attn"] };
-            for a in attns {
-                for m in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-                    t.push((format!("{l}.{a}.{m}.weight"), vec![d, d]));
-                    if m != "k_proj" {
-                        t.push((format!("{l}.{a}.{m}.bias"), vec![d]));
-                    }
-                }
-                t.push((format!("{l}.{a}_layer_norm.weight"), vec![d]));
-                t.push((format!("{l}.{a}_layer_norm.bias"), vec![d]));
-            }
-            t.push((format!("{l}.fc1.weight"), vec![ffn, d]));
-            t.push((format!("{l}.fc1.bias"), vec![ffn]));
-            t.push((format!("{l}.fc2.weight"), vec![d, ffn]));
-            t.push((format!("{l}.fc2.bias"), vec![d]));
-            t.push((format!("{l}.final_layer_norm.weight"), vec![d]));
-            t.push((format!("{l}.final_layer_norm.bias"), vec![d]));
-        }
+        layers(&mut t, side, u(c, &format!("{side}_layers")), d, ffn, false);
     }
     t
 }

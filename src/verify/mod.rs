@@ -538,19 +538,16 @@ fn unravel(mut e: usize, shape: &[usize]) -> Vec<usize> {
 }
 
 fn check_aliases(ckpt: &Checkpoint, plan: &ShardPlan) -> Vec<Finding> {
-    let mut out = Vec::new();
-    for [alias, primary] in &plan.aliases {
-        let (a, p) = (ckpt.tensor_bytes(alias).unwrap_or(&[]), ckpt.tensor_bytes(primary).unwrap_or(&[]));
-        if a != p {
-            out.push(finding(
+    crate::write::alias_mismatches(ckpt, plan)
+        .map(|(alias, primary, offset)| {
+            finding(
                 FindingKind::Alias,
                 None,
                 Some(alias),
-                format!("source copy differs from {} it is tied to", q(primary)),
-            ));
-        }
-    }
-    out
+                format!("source copy differs from {} it is tied to, from byte {offset}", q(primary)),
+            )
+        })
+        .collect()
 }
 
 /// Every element of every source tensor must be copied somewhere (a plan property, checked at run

@@ -163,6 +163,24 @@ fn src_slice(ckpt: &Checkpoint, file: usize, off: u64, len: usize) -> Result<&[u
     })
 }
 
+/// Fills `buf` with a gather unit's bytes: its runs back to back, each cast when there is a cast.
+fn gather(
+    ckpt: &Checkpoint,
+    runs: &[(usize, u64, usize)],
+    cast: Option<(Dtype, Dtype)>,
+    buf: &mut Vec<u8>,
+) -> Result<(), WriteError> {
+    buf.clear();
+    for &(src, off, len) in runs {
+        let bytes = src_slice(ckpt, src, off, len)?;
+        match cast {
+            Some((from, to)) => dtype::cast_into(from, bytes, to, buf),
+            None => buf.extend_from_slice(bytes),
+        }
+    }
+    Ok(())
+}
+
 /// Copies `len` bytes in the kernel; `Ok(false)` when the filesystem cannot (caller falls back).
 #[cfg(target_os = "linux")]
 fn copy_range(src: &File, mut src_off: u64, dst: &File, mut dst_off: u64, mut len: usize) -> std::io::Result<bool> {
@@ -238,14 +256,7 @@ fn exec(
             crc.combine(&crc32fast::Hasher::new_with_initial_len(sum, u.len));
         }
         Kind::Gather { runs, cast } => {
-            buf.clear();
-            for (src, off, len) in runs {
-                let bytes = src_slice(ckpt, *src, *off, *len)?;
-                match cast {
-                    Some((from, to)) => dtype::cast_into(*from, bytes, *to, buf),
-                    None => buf.extend_from_slice(bytes),
-                }
-            }
+            gather(ckpt, runs, *cast, buf)?;
             dst.write_all_at(buf, u.dst).map_err(io(path))?;
             crc.update(buf);
         }
@@ -436,23 +447,11 @@ fn exec_direct(ckpt: &Checkpoint, u: &Unit, out: &mut Stream, buf: &mut Vec<u8>)
         Kind::Copy { src, src_off } => {
             // `pread` rather than the map: the kernel copies from its cache without a page
             // fault per 4 KiB of source.
-            let (file, path) = (ckpt.file(*src), out.path);
-            out.put(u.len as usize, |b, at| {
-                file.read_exact_at(b, src_off + at as u64).map_err(|e| WriteError::Io {
-                    path: path.to_path_buf(),
-                    source: std::io::Error::new(e.kind(), format!("reading source file {src}: {e}")),
-                })
-            })
+            let (file, src_path) = (ckpt.file(*src), &ckpt.meta.files[*src].path);
+            out.put(u.len as usize, |b, at| file.read_exact_at(b, src_off + at as u64).map_err(io(src_path)))
         }
         Kind::Gather { runs, cast } => {
-            buf.clear();
-            for (src, off, len) in runs {
-                let bytes = src_slice(ckpt, *src, *off, *len)?;
-                match cast {
-                    Some((from, to)) => dtype::cast_into(*from, bytes, *to, buf),
-                    None => buf.extend_from_slice(bytes),
-                }
-            }
+            gather(ckpt, runs, *cast, buf)?;
             out.append(buf)
         }
         Kind::Zeros => out.put(u.len as usize, |b, _| {
@@ -514,6 +513,15 @@ fn choose_io(dir: &Path, fsync: bool) -> Result<Io, WriteError> {
     }
 }
 
+/// Ends a file: fsynced when asked; returns its CRC-32 as the manifest writes it.
+fn finish(file: &File, path: &Path, fsync: bool, crc: crc32fast::Hasher) -> Result<String, WriteError> {
+    if fsync {
+        file.sync_all().map_err(io(path))?;
+    }
+    super::crash_point();
+    Ok(format!("{:08x}", crc.finalize()))
+}
+
 /// Writes one output file, unit after unit, and returns its CRC-32.
 ///
 /// One thread per file: ext4 (like most filesystems) serialises buffered writes to one inode, so
@@ -546,11 +554,7 @@ fn write_file(
         progress(u.len);
         Ok(())
     })?;
-    if fsync {
-        file.sync_all().map_err(io(path))?;
-    }
-    super::crash_point();
-    Ok(format!("{:08x}", crc.finalize()))
+    finish(&file, path, fsync, crc)
 }
 
 /// [`write_file`] around the page cache: one stream, in offset order, through an aligned buffer.
@@ -577,11 +581,7 @@ fn write_file_direct(
             Ok(())
         })
     })?;
-    if fsync {
-        file.sync_all().map_err(io(path))?;
-    }
-    super::crash_point();
-    Ok(format!("{:08x}", crc.finalize()))
+    finish(&file, path, fsync, crc)
 }
 
 /// Writes every file of `plan` into `dir`; returns their manifest entries (size and CRC-32).

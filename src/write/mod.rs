@@ -197,15 +197,27 @@ pub fn staging_dir(out: &Path) -> Result<PathBuf, WriteError> {
     Ok(parent.join(format!(".{name}{TMP_MARKER}{}", std::process::id())))
 }
 
+/// The aliases of `plan` whose source bytes differ from their primary's, each with the first
+/// byte where they differ (the shorter length when one is a prefix of the other).
+pub fn alias_mismatches<'a>(
+    ckpt: &'a Checkpoint,
+    plan: &'a ShardPlan,
+) -> impl Iterator<Item = (&'a str, &'a str, usize)> + 'a {
+    plan.aliases.iter().filter_map(move |[alias, primary]| {
+        let (a, p) = (ckpt.tensor_bytes(alias).unwrap_or(&[]), ckpt.tensor_bytes(primary).unwrap_or(&[]));
+        let offset = a.iter().zip(p).position(|(x, y)| x != y).or((a.len() != p.len()).then(|| a.len().min(p.len())))?;
+        Some((alias.as_str(), primary.as_str(), offset))
+    })
+}
+
 /// Checks that every alias is byte-identical to its primary.
 pub fn check_aliases(ckpt: &Checkpoint, plan: &ShardPlan) -> Result<(), WriteError> {
-    for [alias, primary] in &plan.aliases {
-        let (a, p) = (ckpt.tensor_bytes(alias).unwrap_or(&[]), ckpt.tensor_bytes(primary).unwrap_or(&[]));
-        if let Some(offset) = a.iter().zip(p).position(|(x, y)| x != y).or((a.len() != p.len()).then_some(0)) {
-            return Err(WriteError::AliasDiffers { alias: alias.clone(), primary: primary.clone(), offset });
+    match alias_mismatches(ckpt, plan).next() {
+        Some((alias, primary, offset)) => {
+            Err(WriteError::AliasDiffers { alias: alias.into(), primary: primary.into(), offset })
         }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// A finished output in its staging directory, not yet at `--out`. Dropping it without

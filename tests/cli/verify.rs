@@ -166,6 +166,23 @@ fn extra_tensor() {
 }
 
 #[test]
+fn tied_source_copies_that_differ() {
+    let (tmp, out) = convert("bart-legacy", 2);
+    let src = tmp.path().join("src");
+    copy_dir(&fixture("bart-legacy"), &src);
+    let mut tensors = read_checkpoint(&src);
+    tensors.get_mut("lm_head.weight").unwrap().data[40] ^= 1;
+    write_checkpoint(&src.join("model.safetensors"), &tensors);
+    let r = reshard(&[&"verify", &src, &out, &"--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let f = v["findings"].as_array().unwrap().iter().find(|f| f["kind"] == "alias");
+    let f = f.unwrap_or_else(|| panic!("no alias finding in {v:#}"));
+    assert_eq!(f["tensor"], "lm_head.weight");
+    assert!(f["message"].as_str().unwrap().contains("`model.shared.weight` it is tied to, from byte 40"), "{f}");
+}
+
+#[test]
 fn every_finding_is_reported_not_only_the_first() {
     let (_t, out) = convert("bart-tiny", 2);
     damage(&out, 0, |m| {
