@@ -8,16 +8,19 @@
 //!
 //! Two ways to write them ([`Io`]):
 //! - durable output (the default, fsynced before the rename) goes around the page cache
-//!   (`O_DIRECT`): the file is streamed through two aligned 4 MiB blocks, one filled (`pread` of
-//!   long runs, gathers, casts, zeros) while a writer thread writes the other. The bytes have to
-//!   reach the disk anyway; going through the cache first costs a copy into fresh cache pages,
-//!   which on a VM whose free memory is handed back to the host (balloon free page reporting)
-//!   also costs a host fault per page: measured 2x slower for casts (docs/performance.md);
+//!   (`O_DIRECT`): the file is streamed through three aligned 4 MiB blocks, one filled (`pread` of
+//!   long runs, gathers, casts, zeros) while two writer threads write the others, so the disk
+//!   always has a write queued. The bytes have to reach the disk anyway; going through the cache
+//!   first costs a copy into fresh cache pages, which on a VM whose free memory is handed back to
+//!   the host (balloon free page reporting) also costs a host fault per page: measured 2x slower
+//!   for casts (docs/performance.md);
 //! - `--no-fsync` goes through the page cache: in-kernel `copy_file_range` for long runs, one
 //!   `pwrite` per gather, zeros left to the preallocated file.
 //!
-//! The file's CRC-32 is computed as its bytes are written. One writer per file: ext4 serialises
-//! buffered writes to one inode, so threads sharing a file wait for each other, spinning.
+//! The file's CRC-32 is computed as its bytes are written. One thread cuts and fills each file:
+//! ext4 serialises buffered writes to one inode, so threads sharing a file wait for each other,
+//! spinning. At most [`FILES_AT_ONCE`] files are in flight, so memory is bounded whatever the
+//! number of cores.
 
 use super::{io, manifest::FileEntry, WriteError};
 use crate::checkpoint::Checkpoint;
@@ -295,14 +298,23 @@ fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
 const ALIGN: usize = 4096;
 /// Bytes a direct writer stages before each write.
 const DIRECT_BUF: usize = 4 << 20;
+/// Blocks per direct stream: one being filled, the others being written.
+const BLOCKS: usize = 3;
+/// Writes in flight per direct stream: one 4 MiB write at a time leaves the disk idle between
+/// writes (docs/performance.md: `dd oflag=direct` of 1.6 GB takes 1.16 s as one stream, 0.82-0.92 s
+/// as two).
+const WRITERS: usize = 2;
+/// At most this many files are written at once, whatever the number of cores: each holds up to
+/// 16 MiB of buffers (3 blocks and a gather buffer), and the disk gains nothing from more streams.
+const FILES_AT_ONCE: usize = 3;
 
 /// How output files are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Io {
     /// Through the page cache: in-kernel copies and `pwrite`s, writeback started per unit.
     Buffered,
-    /// Around the page cache (`O_DIRECT`): the file is streamed, in offset order, through one
-    /// aligned buffer and written in 4 MiB blocks straight to the disk.
+    /// Around the page cache (`O_DIRECT`): the file is streamed, in offset order, through aligned
+    /// 4 MiB blocks written straight to the disk, two at a time.
     Direct,
 }
 
@@ -324,8 +336,8 @@ impl Block {
     }
 }
 
-/// A file written as a stream, in offset order, through two aligned blocks: one is filled while
-/// a writer thread writes the other. The last block is padded to [`ALIGN`];
+/// A file written as a stream, in offset order, through [`BLOCKS`] aligned blocks: one is filled
+/// while [`WRITERS`] writer threads write the others, each at its block's offset. The last block is padded to [`ALIGN`];
 /// [`stream_to`] cuts the file back to size.
 struct Stream<'a> {
     path: &'a Path,
@@ -341,7 +353,7 @@ struct Stream<'a> {
 }
 
 impl Stream<'_> {
-    /// Hands the current block (padded to [`ALIGN`]) to the writer and takes the other one.
+    /// Hands the current block (padded to [`ALIGN`]) to the writers and takes a free one.
     fn flush(&mut self) -> Result<(), WriteError> {
         let fill = self.fill;
         let padded = fill.next_multiple_of(ALIGN);
@@ -389,7 +401,7 @@ impl Stream<'_> {
     }
 }
 
-/// Writes `size` bytes made by `fill` to `file` as a [`Stream`], with a writer thread, then cuts
+/// Writes `size` bytes made by `fill` to `file` as a [`Stream`], with writer threads, then cuts
 /// the padding of the last block off. Returns the CRC-32 of the bytes.
 fn stream_to(
     file: &File,
@@ -397,20 +409,40 @@ fn stream_to(
     size: u64,
     fill: impl FnOnce(&mut Stream) -> Result<(), WriteError>,
 ) -> Result<crc32fast::Hasher, WriteError> {
-    use std::sync::mpsc::sync_channel;
-    let (full_tx, full_rx) = sync_channel::<(Block, usize, u64)>(1);
-    let (free_tx, free_rx) = sync_channel::<Block>(2);
-    let _ = free_tx.send(Block::new());
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc::sync_channel, Mutex};
+    let (full_tx, full_rx) = sync_channel::<(Block, usize, u64)>(BLOCKS);
+    let (free_tx, free_rx) = sync_channel::<Block>(BLOCKS);
+    for _ in 1..BLOCKS {
+        let _ = free_tx.send(Block::new());
+    }
+    let full_rx = Mutex::new(full_rx);
+    let failed = AtomicBool::new(false);
     let (streamed, written) = std::thread::scope(|sc| {
-        let writer = sc.spawn(move || -> Result<(), WriteError> {
-            for (mut b, len, pos) in full_rx {
-                file.write_all_at(&b.bytes()[..len], pos).map_err(io(path))?;
-                if free_tx.send(b).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        });
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|_| {
+                let (full_rx, free_tx, failed) = (&full_rx, free_tx.clone(), &failed);
+                sc.spawn(move || -> Result<(), WriteError> {
+                    loop {
+                        // The lock is held while waiting: the other writer waits for the next
+                        // block either way.
+                        let next = full_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((mut b, len, pos)) = next else { return Ok(()) };
+                        if failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        if let Err(e) = file.write_all_at(&b.bytes()[..len], pos) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(io(path)(e));
+                        }
+                        if free_tx.send(b).is_err() {
+                            return Ok(());
+                        }
+                    }
+                })
+            })
+            .collect();
+        drop(free_tx);
         let mut out = Stream {
             path,
             cur: Block::new(),
@@ -422,10 +454,16 @@ fn stream_to(
         };
         let streamed = fill(&mut out).and_then(|()| if out.fill > 0 { out.flush() } else { Ok(()) });
         let (pos, crc) = (out.pos, out.crc.clone());
-        drop(out); // closes the channel: the writer ends once it has written what it holds
-        let written = writer.join().unwrap_or_else(|_| {
-            Err(WriteError::Internal { tensor: path.display().to_string(), from: "writer thread panicked".into() })
-        });
+        drop(out); // closes the channel: the writers end once they have written what they hold
+        let mut written = Ok(());
+        for w in writers {
+            let r = w.join().unwrap_or_else(|_| {
+                Err(WriteError::Internal { tensor: path.display().to_string(), from: "writer thread panicked".into() })
+            });
+            if written.is_ok() {
+                written = r;
+            }
+        }
         (streamed.map(|()| (pos, crc)), written)
     });
     // The writer's error first: it is the cause of a "writer stopped".
@@ -601,14 +639,22 @@ pub fn write_files(
     // Largest files first, so the last one to start is a small one.
     let mut order: Vec<usize> = (0..plan.files.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.files[i].size));
-    let mut crcs: Vec<(usize, String)> = order
-        .par_iter()
-        .with_max_len(1)
-        .map(|&i| {
-            let f = &plan.files[i];
-            write_file(ckpt, f, &dir.join(&f.name), progress, fsync, mode).map(|c| (i, c))
-        })
-        .collect::<Result<_, WriteError>>()?;
+    let write = || {
+        order
+            .par_iter()
+            .with_max_len(1)
+            .map(|&i| {
+                let f = &plan.files[i];
+                write_file(ckpt, f, &dir.join(&f.name), progress, fsync, mode).map(|c| (i, c))
+            })
+            .collect::<Result<Vec<(usize, String)>, WriteError>>()
+    };
+    let threads = rayon::current_num_threads().min(FILES_AT_ONCE);
+    let mut crcs = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+        Ok(pool) => pool.install(write)?,
+        // No threads to be had: the current pool, with its own width.
+        Err(_) => write()?,
+    };
     crcs.sort();
     Ok(plan
         .files
@@ -628,7 +674,7 @@ mod tests {
     #[test]
     fn stream_writes_every_byte_in_place() {
         let dir = tempfile::tempdir().unwrap();
-        for size in [1, ALIGN - 1, ALIGN, DIRECT_BUF, 2 * DIRECT_BUF + 12_345] {
+        for size in [1, ALIGN - 1, ALIGN, DIRECT_BUF, 2 * DIRECT_BUF + 12_345, 7 * DIRECT_BUF - 1] {
             let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4099) as u8).collect();
             let path = dir.path().join(format!("f{size}"));
             let file = File::create(&path).unwrap();
