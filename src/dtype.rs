@@ -109,27 +109,13 @@ impl FromStr for Dtype {
 ///
 /// Returns `None` when `dtype` is not a float type.
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    use half::slice::HalfFloatSliceExt;
-    Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F64 => {
-            bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32).collect()
-        }
-        // Whole-slice conversions: several times faster than element by element (crates.md).
-        Dtype::F16 => {
-            let h: Vec<half::f16> = bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect();
-            let mut w = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut w);
-            w
-        }
-        Dtype::BF16 => {
-            let h: Vec<half::bf16> = bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]])).collect();
-            let mut w = vec![0f32; h.len()];
-            h.convert_to_f32_slice(&mut w);
-            w
-        }
-        _ => return None,
-    })
+    if !castable(dtype) {
+        return None;
+    }
+    let n = bytes.len() / dtype.size();
+    let mut w = vec![0f32; n];
+    decode(dtype, bytes, &mut w, &mut vec![0u16; n]);
+    Some(w)
 }
 
 /// Whether `cast` applies to tensors of `dtype` (float tensors are cast; others are kept).

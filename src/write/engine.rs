@@ -318,27 +318,29 @@ enum Io {
     Direct,
 }
 
-/// A [`DIRECT_BUF`] block of memory aligned to [`ALIGN`] (allocated with room to spare).
+/// A block of memory aligned to [`ALIGN`] (allocated with room to spare), as direct writes need.
 struct Block {
     mem: Vec<u8>,
     skew: usize,
+    len: usize,
 }
 
 impl Block {
-    fn new() -> Self {
-        let mem = vec![0u8; DIRECT_BUF + ALIGN];
+    /// A zeroed block of `len` bytes; the stream's are [`DIRECT_BUF`] long.
+    fn new(len: usize) -> Self {
+        let mem = vec![0u8; len + ALIGN];
         let skew = mem.as_ptr().align_offset(ALIGN);
-        Block { mem, skew }
+        Block { mem, skew, len }
     }
 
     fn bytes(&mut self) -> &mut [u8] {
-        &mut self.mem[self.skew..self.skew + DIRECT_BUF]
+        &mut self.mem[self.skew..self.skew + self.len]
     }
 }
 
 /// A file written as a stream, in offset order, through [`BLOCKS`] aligned blocks: one is filled
-/// while [`WRITERS`] writer threads write the others, each at its block's offset. The last block is padded to [`ALIGN`];
-/// [`stream_to`] cuts the file back to size.
+/// while [`WRITERS`] writer threads write the others, each at its block's offset. The last block
+/// is padded to [`ALIGN`]; [`stream_to`] cuts the file back to size.
 struct Stream<'a> {
     path: &'a Path,
     cur: Block,
@@ -346,9 +348,9 @@ struct Stream<'a> {
     /// File offset of the current block's first byte.
     pos: u64,
     crc: crc32fast::Hasher,
-    /// Full blocks to the writer: (block, bytes to write, file offset).
+    /// Full blocks to the writers: (block, bytes to write, file offset).
     full: std::sync::mpsc::SyncSender<(Block, usize, u64)>,
-    /// Written blocks back from the writer.
+    /// Written blocks back from the writers.
     free: std::sync::mpsc::Receiver<Block>,
 }
 
@@ -360,7 +362,7 @@ impl Stream<'_> {
         let block = self.cur.bytes();
         self.crc.update(&block[..fill]);
         block[fill..padded].fill(0);
-        // A closed channel means the writer stopped on an error, which `stream_to` reports.
+        // A closed channel means the writers stopped on an error, which `stream_to` reports.
         let stopped =
             || WriteError::Io { path: self.path.to_path_buf(), source: std::io::Error::other("writer stopped") };
         let next = self.free.recv().map_err(|_| stopped())?;
@@ -414,7 +416,7 @@ fn stream_to(
     let (full_tx, full_rx) = sync_channel::<(Block, usize, u64)>(BLOCKS);
     let (free_tx, free_rx) = sync_channel::<Block>(BLOCKS);
     for _ in 1..BLOCKS {
-        let _ = free_tx.send(Block::new());
+        let _ = free_tx.send(Block::new(DIRECT_BUF));
     }
     let full_rx = Mutex::new(full_rx);
     let failed = AtomicBool::new(false);
@@ -445,7 +447,7 @@ fn stream_to(
         drop(free_tx);
         let mut out = Stream {
             path,
-            cur: Block::new(),
+            cur: Block::new(DIRECT_BUF),
             fill: 0,
             pos: 0,
             crc: crc32fast::Hasher::new(),
@@ -466,7 +468,7 @@ fn stream_to(
         }
         (streamed.map(|()| (pos, crc)), written)
     });
-    // The writer's error first: it is the cause of a "writer stopped".
+    // A writer's error first: it is the cause of a "writer stopped".
     written?;
     let (pos, crc) = streamed?;
     if pos != size {
@@ -523,11 +525,7 @@ fn create_direct(path: &Path) -> std::io::Result<Option<File>> {
 fn direct_works(dir: &Path) -> bool {
     let probe = dir.join(".reshard-direct-probe");
     let ok = match create_direct(&probe) {
-        Ok(Some(f)) => {
-            let mem = vec![0u8; 2 * ALIGN];
-            let skew = mem.as_ptr().align_offset(ALIGN);
-            f.write_all_at(&mem[skew..skew + ALIGN], 0).is_ok()
-        }
+        Ok(Some(f)) => f.write_all_at(Block::new(ALIGN).bytes(), 0).is_ok(),
         _ => false,
     };
     let _ = std::fs::remove_file(&probe);
@@ -595,7 +593,7 @@ fn write_file(
     finish(&file, path, fsync, crc)
 }
 
-/// [`write_file`] around the page cache: one stream, in offset order, through an aligned buffer.
+/// [`write_file`] around the page cache: one [`Stream`], in offset order.
 fn write_file_direct(
     ckpt: &Checkpoint,
     f: &FilePlan,

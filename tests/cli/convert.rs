@@ -181,11 +181,13 @@ fn direct_and_buffered_writes_agree() {
             assert_eq!(r.code, 0, "{name} {mode}: {}", r.stderr);
             out
         });
-        let mut names: Vec<_> = std::fs::read_dir(&outs[0]).unwrap().map(|e| e.unwrap().file_name()).collect();
-        names.sort();
-        let mut other: Vec<_> = std::fs::read_dir(&outs[1]).unwrap().map(|e| e.unwrap().file_name()).collect();
-        other.sort();
-        assert_eq!(names, other, "{name}: the same files");
+        let list = |d: &Path| {
+            let mut names: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+            names.sort();
+            names
+        };
+        let names = list(&outs[0]);
+        assert_eq!(names, list(&outs[1]), "{name}: the same files");
         assert!(names.len() > 2, "{name}: {names:?}");
         for n in &names {
             let read = |d: &Path| std::fs::read(d.join(n)).unwrap();
