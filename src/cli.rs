@@ -90,6 +90,10 @@ pub struct VerifyArgs {
     /// Mapping file to use instead of the bundled one.
     #[arg(long)]
     pub mapping: Option<PathBuf>,
+    /// The target to verify against when OUT has no manifest (with one, the manifest's target
+    /// is used): a target name or ENGINE==VERSION [default: the newest tested]
+    #[arg(long, value_name = "TARGET")]
+    pub target: Option<String>,
     #[command(flatten)]
     pub check: CheckArgs,
     /// Print the report as JSON on stdout.
@@ -140,6 +144,10 @@ pub struct SourceArgs {
     /// Cast floating-point tensors to this dtype while converting (integer tensors are kept).
     #[arg(long, value_parser = ["bf16", "f16", "f32"])]
     pub dtype: Option<String>,
+    /// The engine release range to lay the output out for: a target name of the mapping
+    /// (`reshard plan` lists them) or ENGINE==VERSION, e.g. vllm==0.20.1 [default: the newest tested]
+    #[arg(long, value_name = "TARGET")]
+    pub target: Option<String>,
     /// Print JSON on stdout instead of a human report.
     #[arg(long)]
     pub json: bool,
@@ -153,7 +161,12 @@ impl SourceArgs {
             "f16" => Dtype::F16,
             _ => Dtype::F32,
         });
-        reshard::plan::PlanOptions { tp: self.tp as usize, max_part_size: self.max_part_size, dtype }
+        reshard::plan::PlanOptions {
+            tp: self.tp as usize,
+            max_part_size: self.max_part_size,
+            dtype,
+            target: self.target.clone(),
+        }
     }
 }
 

@@ -56,7 +56,8 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
         }
         Command::Verify(a) => {
             let src = Source { input: a.source, config: a.config, mapping: a.mapping };
-            let report = reshard::verify::verify(&src, &a.out, &a.check.options())?;
+            let opts = reshard::verify::VerifyOptions { target: a.target, ..a.check.options() };
+            let report = reshard::verify::verify(&src, &a.out, &opts)?;
             let printed = if a.json { output::print_json(out, &report) } else { output::print_verify(out, &report) };
             if !report.ok {
                 eprintln!("error: verification failed: {} finding(s)", report.findings.len());

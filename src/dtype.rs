@@ -118,6 +118,36 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(w)
 }
 
+/// One element of `dtype` holding `value`, little-endian: floats rounded to nearest (even),
+/// integers only when `value` is a whole number in range, BOOL from 0 or 1.
+pub fn encode_value(dtype: Dtype, value: f64) -> Result<Vec<u8>, String> {
+    use Dtype::*;
+    let int = |lo: f64, hi: f64| -> Result<f64, String> {
+        if value.fract() == 0.0 && (lo..=hi).contains(&value) {
+            Ok(value)
+        } else {
+            Err(format!("{value} is not a whole number from {lo} to {hi}, as {dtype} needs"))
+        }
+    };
+    Ok(match dtype {
+        F64 => value.to_le_bytes().to_vec(),
+        F32 => (value as f32).to_le_bytes().to_vec(),
+        F16 => half::f16::from_f64(value).to_le_bytes().to_vec(),
+        BF16 => half::bf16::from_f64(value).to_le_bytes().to_vec(),
+        BOOL => vec![int(0.0, 1.0)? as u8],
+        U8 => vec![int(0.0, u8::MAX as f64)? as u8],
+        I8 => (int(i8::MIN as f64, i8::MAX as f64)? as i8).to_le_bytes().to_vec(),
+        I16 => (int(i16::MIN as f64, i16::MAX as f64)? as i16).to_le_bytes().to_vec(),
+        U16 => (int(0.0, u16::MAX as f64)? as u16).to_le_bytes().to_vec(),
+        I32 => (int(i32::MIN as f64, i32::MAX as f64)? as i32).to_le_bytes().to_vec(),
+        U32 => (int(0.0, u32::MAX as f64)? as u32).to_le_bytes().to_vec(),
+        // Whole numbers beyond 2^53 are not all representable as f64 anyway.
+        I64 => (int(-(2f64.powi(53)), 2f64.powi(53))? as i64).to_le_bytes().to_vec(),
+        U64 => (int(0.0, 2f64.powi(53))? as u64).to_le_bytes().to_vec(),
+        F8_E5M2 | F8_E4M3 | F8_E8M0 | C64 => return Err(format!("constants of dtype {dtype} are not supported")),
+    })
+}
+
 /// Whether `cast` applies to tensors of `dtype` (float tensors are cast; others are kept).
 pub fn castable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
@@ -199,6 +229,21 @@ fn encode(w: &[f32], dst: Dtype, o: &mut [u8], bits: &mut [u16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encode_value_per_dtype() {
+        assert_eq!(encode_value(Dtype::F32, 1.0).unwrap(), 1f32.to_le_bytes());
+        assert_eq!(encode_value(Dtype::F64, -2.5).unwrap(), (-2.5f64).to_le_bytes());
+        assert_eq!(encode_value(Dtype::BF16, 1.0).unwrap(), [0x80, 0x3f]);
+        assert_eq!(encode_value(Dtype::F16, 1.0).unwrap(), [0x00, 0x3c]);
+        assert_eq!(encode_value(Dtype::I64, -7.0).unwrap(), (-7i64).to_le_bytes());
+        assert_eq!(encode_value(Dtype::U8, 255.0).unwrap(), [255]);
+        assert_eq!(encode_value(Dtype::BOOL, 1.0).unwrap(), [1]);
+        assert!(encode_value(Dtype::U8, 256.0).unwrap_err().contains("from 0 to 255"));
+        assert!(encode_value(Dtype::I32, 0.5).is_err());
+        assert!(encode_value(Dtype::BOOL, 2.0).is_err());
+        assert!(encode_value(Dtype::F8_E4M3, 1.0).unwrap_err().contains("not supported"));
+    }
 
     #[test]
     fn casts_round_to_nearest_even() {

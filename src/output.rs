@@ -43,6 +43,7 @@ fn sources(pieces: &[Piece]) -> String {
             }
             Piece::Zeros { rows, reason } if reason == "padding" => zero_rows += rows[1] - rows[0],
             Piece::Zeros { rows, reason } => out.push(format!("zeros[{}] ({reason})", rows[1] - rows[0])),
+            Piece::Constant { value, .. } => out.push(format!("constant {}", value.0)),
         }
     }
     if zero_rows > 0 {
@@ -64,6 +65,7 @@ pub fn print_plan(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
         parts,
         bytes(plan.output_bytes())
     )?;
+    print_target(w, plan)?;
     writeln!(w)?;
     writeln!(w, "{:<40} {:>5} {:>12} {:>8}", "FILE", "RANK", "SIZE", "TENSORS")?;
     for f in &plan.files {
@@ -91,6 +93,18 @@ pub fn print_plan(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Which engine releases load the output, and what proves it.
+fn print_target(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
+    match (&plan.target, &plan.engine_status) {
+        (Some(t), _) => {
+            writeln!(w, "target {}, model code: {}", t.describe(), t.model_code)?;
+            writeln!(w, "  evidence: {}", t.evidence)
+        }
+        (None, Some(status)) => writeln!(w, "target: none. {status}"),
+        (None, None) => writeln!(w, "target: none declared by the mapping"),
+    }
 }
 
 /// Writes the human verify report.
@@ -176,6 +190,7 @@ pub fn print_written(
     verified: Option<&VerifyReport>,
 ) -> io::Result<()> {
     writeln!(w, "wrote {} ({} files, {}) for tp {}", s.out.display(), s.files.len(), bytes(s.bytes), plan.tp)?;
+    print_target(w, plan)?;
     for f in &s.files {
         writeln!(w, "  {:<40} {:>12}  crc32 {}", f.name, bytes(f.size), f.crc32)?;
     }

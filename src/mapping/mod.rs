@@ -7,13 +7,20 @@
 //! an error naming its JSON path, and every pattern and template is checked at load time.
 
 pub mod dims;
+pub mod engine;
 pub mod pattern;
 
+use crate::dtype::Dtype;
 use crate::text::q;
+use engine::EngineTarget;
 use pattern::Pattern;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+/// Largest constant tensor a mapping may declare: they are engine buffers (scalars, small
+/// vectors), and the writer fills one in a single buffer.
+pub const MAX_CONSTANT_BYTES: usize = 1 << 20;
 
 /// The mapping format version this build reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -170,6 +177,32 @@ pub struct ParamSpec {
     pub note: Option<String>,
 }
 
+/// A tensor that the engine's `state_dict()` holds but no checkpoint tensor feeds, such as vLLM's
+/// attention buffers `_k_scale`: written with one value in every element, replicated on every
+/// rank, never cast by `--dtype` (the engine keeps it in its own dtype).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConstantSpec {
+    /// Source pattern whose matches bind the placeholders of `targets` (it claims nothing: the
+    /// tensors it matches are still mapped by `params`). One constant per distinct target name.
+    pub for_each: String,
+    /// Target templates, one tensor each.
+    pub targets: Vec<String>,
+    /// The value of every element.
+    pub value: f64,
+    /// Element type (`F32`; float and integer types).
+    pub dtype: Dtype,
+    /// Shape; `[]` (the default) is a scalar.
+    #[serde(default)]
+    pub shape: Vec<usize>,
+    /// Names of the `engines` this constant is written for; every target when absent.
+    #[serde(default)]
+    pub engines: Option<Vec<String>>,
+    /// Free text for humans.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
 /// A consistency check between config.json and the tensors.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -227,6 +260,19 @@ pub struct MappingFile {
     /// How to run the decoder cross-attention forward check (`verify`, `validate`).
     #[serde(default)]
     pub cross_attention: Option<CrossAttentionSpec>,
+    /// Tensors written with a constant value (engine buffers).
+    #[serde(default)]
+    pub constants: Vec<ConstantSpec>,
+    /// The engines and release ranges the output can target (`--target`).
+    #[serde(default)]
+    pub engines: Vec<EngineTarget>,
+    /// The target used without `--target`: the newest one tested.
+    #[serde(default)]
+    pub default_engine: Option<String>,
+    /// For a mapping without `engines`: which engine loads its output, if any, and what proves
+    /// it (shown by `plan`).
+    #[serde(default)]
+    pub engine_status: Option<String>,
 }
 
 /// Names of one cross-attention layer's weights; templates use `{i}` for the layer index.
@@ -340,6 +386,32 @@ pub struct Check {
     pub var: String,
 }
 
+/// A compiled constant.
+#[derive(Clone, Debug)]
+pub struct Constant {
+    /// Position in the file's `constants`.
+    pub index: usize,
+    /// Pattern binding the placeholders.
+    pub for_each: Pattern,
+    /// Target templates.
+    pub targets: Vec<Pattern>,
+    /// The value of every element.
+    pub value: f64,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Targets it is written for (`None`: all).
+    pub engines: Option<Vec<String>>,
+}
+
+impl Constant {
+    /// A short label for messages: `constants[0] (model.decoder.layers.{i}.{attn}.attn._k_scale)`.
+    pub fn label(&self) -> String {
+        format!("constants[{}] ({})", self.index, self.targets[0].as_str())
+    }
+}
+
 /// A loaded, checked mapping.
 #[derive(Clone, Debug)]
 pub struct Mapping {
@@ -351,6 +423,8 @@ pub struct Mapping {
     pub rules: Vec<Rule>,
     /// Compiled checks.
     pub checks: Vec<Check>,
+    /// Compiled constants.
+    pub constants: Vec<Constant>,
     /// Stable 32-bit digest (CRC-32) of the mapping text, recorded in manifests.
     pub digest: u32,
 }
@@ -421,7 +495,29 @@ impl Mapping {
         if let Some(ca) = &file.cross_attention {
             check_cross_attention(ca, &file.dims).map_err(|(at, msg)| invalid(&format!("cross_attention{at}"), msg))?;
         }
-        Ok(Mapping { origin: origin.to_string(), file, rules, checks, digest: crc32fast::hash(text.as_bytes()) })
+        engine::check_targets(&file.engines, file.default_engine.as_deref()).map_err(|(at, msg)| invalid(&at, msg))?;
+        let constants = file
+            .constants
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                compile_constant(i, c, &file.engines).map_err(|(at, msg)| invalid(&format!("constants[{i}]{at}"), msg))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Mapping {
+            origin: origin.to_string(),
+            file,
+            rules,
+            checks,
+            constants,
+            digest: crc32fast::hash(text.as_bytes()),
+        })
+    }
+
+    /// The target `want` selects (a name, `ENGINE==VERSION`, or the default for `None`); `None`
+    /// when the mapping declares no targets and none was asked for.
+    pub fn target(&self, want: Option<&str>) -> Result<Option<&EngineTarget>, String> {
+        engine::select(&self.file.engines, self.file.default_engine.as_deref(), want)
     }
 
     /// The canonical form of a source name (after `source_prefixes`).
@@ -456,6 +552,44 @@ fn check_cross_attention(ca: &CrossAttentionSpec, dims: &BTreeMap<String, DimSpe
     need("source", &ca.source, false)?;
     need("shards", &ca.shards, true)?;
     Ok(())
+}
+
+fn compile_constant(i: usize, c: &ConstantSpec, engines: &[EngineTarget]) -> Result<Constant, (String, String)> {
+    let for_each = Pattern::parse(&c.for_each).map_err(|m| (".for_each".to_string(), m))?;
+    if c.targets.is_empty() {
+        return Err((".targets".into(), "needs at least one target template".into()));
+    }
+    let mut targets = Vec::new();
+    for (j, t) in c.targets.iter().enumerate() {
+        let at = format!(".targets[{j}]");
+        let pat = Pattern::parse(t).map_err(|m| (at.clone(), m))?;
+        if pat.has_alternatives() {
+            return Err((at, "a target template cannot have alternatives; use `{var}`".into()));
+        }
+        if let Some(v) = pat.vars().iter().find(|v| !for_each.vars().contains(*v)) {
+            return Err((at, format!("placeholder `{{{v}}}` is not bound by `for_each`")));
+        }
+        targets.push(pat);
+    }
+    crate::dtype::encode_value(c.dtype, c.value).map_err(|m| (".value".to_string(), m))?;
+    let bytes = c.shape.iter().try_fold(c.dtype.size(), |n, &d| n.checked_mul(d));
+    if bytes.is_none_or(|b| b > MAX_CONSTANT_BYTES) {
+        return Err((".shape".into(), format!("a constant may hold at most {MAX_CONSTANT_BYTES} bytes")));
+    }
+    if let Some(names) = &c.engines {
+        if let Some(n) = names.iter().find(|n| !engines.iter().any(|e| &e.name == *n)) {
+            return Err((".engines".into(), format!("`{n}` is not the name of one of `engines`")));
+        }
+    }
+    Ok(Constant {
+        index: i,
+        for_each,
+        targets,
+        value: c.value,
+        dtype: c.dtype,
+        shape: c.shape.clone(),
+        engines: c.engines.clone(),
+    })
 }
 
 fn compile_rule(i: usize, p: &ParamSpec, dims: &BTreeMap<String, DimSpec>) -> Result<Rule, (String, String)> {
@@ -638,6 +772,42 @@ mod tests {
         assert!(e.contains("diagonal"), "{e}");
         let e = err(r#"{"format_version":2,"family":"t","model_types":[],"params":[]}"#);
         assert!(e.contains("version 2"), "{e}");
+    }
+
+    #[test]
+    fn engines_and_constants_are_checked_when_the_file_loads() {
+        let t = |name: &str, lo: &str, hi: &str| {
+            format!(
+                r#"{{"name":"{name}","engine":"vllm","min_version":"{lo}","max_version":"{hi}","model_code":"m","evidence":"e"}}"#
+            )
+        };
+        let file = |engines: &str, default: &str, constants: &str| {
+            format!(
+                r#"{{{HEAD},"params":[{{"source":"a.{{i}}","split":{{"kind":"replicated"}}}}],"engines":[{engines}]{default},"constants":[{constants}]}}"#
+            )
+        };
+        let ok = file(&t("v1", "0.1.0", "0.2.0"), r#","default_engine":"v1""#, "");
+        assert_eq!(Mapping::parse(&ok, "t.json").unwrap().target(None).unwrap().unwrap().name, "v1");
+        let e = err(&file(&t("v1", "0.1.0", "0.2.0"), "", ""));
+        assert!(e.contains("at `default_engine`: required"), "{e}");
+        let e = err(&file(&t("v1", "0.x", "0.2.0"), r#","default_engine":"v1""#, ""));
+        assert!(e.contains("at `engines[0].min_version`") && e.contains("`0.x` is not a release number"), "{e}");
+        let c = |extra: &str| {
+            file(
+                &t("v1", "0.1.0", "0.2.0"),
+                r#","default_engine":"v1""#,
+                &format!(r#"{{"for_each":"a.{{i}}","targets":["b.{{i}}.s"],"value":1,"dtype":"F32"{extra}}}"#),
+            )
+        };
+        assert_eq!(Mapping::parse(&c(""), "t.json").unwrap().constants[0].label(), "constants[0] (b.{i}.s)");
+        let e = err(&c(r#","engines":["v2"]"#));
+        assert!(e.contains("at `constants[0].engines`: `v2` is not the name"), "{e}");
+        let e = err(&c(r#","dtype":"F32""#));
+        assert!(e.contains("duplicate field `dtype`"), "{e}");
+        let e = err(&c(r#","shape":[1024,1024]"#));
+        assert!(e.contains("at `constants[0].shape`"), "{e}");
+        let e = err(&c(r#","colour":1"#));
+        assert!(e.contains("constants[0]") && e.contains("colour"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod split;
 use crate::checkpoint::CheckpointMeta;
 use crate::dtype::Dtype;
 use crate::mapping::dims::{self, DimError, Dims};
+use crate::mapping::engine::{self, EngineTarget};
 use crate::mapping::pattern::Bindings;
 use crate::mapping::{Mapping, Reshape, SplitSpec};
 use crate::text::{natural_cmp, q, shape as fmt_shape};
@@ -56,6 +57,8 @@ pub enum PlanError {
     BadTp { tp: usize, reason: String, valid: Vec<usize> },
     #[error("--max-part-size must be at least 1 byte")]
     ZeroPartSize,
+    #[error("--target: {msg} in mapping {mapping}\n(hint: {hint})")]
+    Target { mapping: String, msg: String, hint: String },
 }
 
 fn list(names: &[String]) -> String {
@@ -140,6 +143,30 @@ pub struct Resolved {
     pub aliases: Vec<(String, String)>,
     /// Total bytes of source tensor data.
     pub source_bytes: u64,
+    /// Constant tensors (engine buffers), for every target; [`Resolved::plan`] keeps those of
+    /// the chosen target.
+    pub constants: Vec<ConstParam>,
+    /// The mapping's targets.
+    pub engines: Vec<EngineTarget>,
+    /// The mapping's default target.
+    pub default_engine: Option<String>,
+    /// The mapping's `engine_status`.
+    pub engine_status: Option<String>,
+}
+
+/// A constant tensor bound to its names.
+#[derive(Clone, Debug)]
+pub struct ConstParam {
+    /// Output names.
+    pub targets: Vec<String>,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// The value of every element.
+    pub value: f64,
+    /// The targets it is written for (`None`: all).
+    pub engines: Option<Vec<String>>,
 }
 
 /// One piece of an output tensor, stacked along dim 0.
@@ -168,7 +195,28 @@ pub enum Piece {
         /// Why: `padding` or `synthesized k`.
         reason: String,
     },
+    /// Every element the same value, in the tensor's dtype (a constant of the mapping: an
+    /// engine buffer no checkpoint tensor feeds). A 0-d tensor counts as one row.
+    Constant {
+        /// Rows `[first, end)` of the output tensor (dim 0) this piece fills.
+        rows: [usize; 2],
+        /// The value.
+        value: Value,
+    },
 }
+
+/// A constant's value. Two are equal when their bits are, so plans compare as plain values.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Value(pub f64);
+
+impl PartialEq for Value {
+    fn eq(&self, other: &Value) -> bool {
+        self.0.to_bits() == other.0.to_bits()
+    }
+}
+
+impl Eq for Value {}
 
 /// One tensor of an output file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,7 +251,7 @@ pub struct FilePlan {
 }
 
 /// What to plan for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlanOptions {
     /// Tensor-parallel size.
     pub tp: usize,
@@ -211,12 +259,15 @@ pub struct PlanOptions {
     pub max_part_size: u64,
     /// Cast float tensors to this dtype (`None`: keep each tensor's dtype).
     pub dtype: Option<Dtype>,
+    /// The engine target: a target name of the mapping, or `ENGINE==VERSION` (`None`: the
+    /// mapping's default).
+    pub target: Option<String>,
 }
 
 impl PlanOptions {
-    /// `tp` ranks, the default part size, no cast.
+    /// `tp` ranks, the default part size, no cast, the default target.
     pub fn new(tp: usize) -> PlanOptions {
-        PlanOptions { tp, max_part_size: DEFAULT_MAX_PART_SIZE, dtype: None }
+        PlanOptions { tp, max_part_size: DEFAULT_MAX_PART_SIZE, dtype: None, target: None }
     }
 }
 
@@ -237,6 +288,13 @@ pub struct ShardPlan {
     pub max_part_size: u64,
     /// Float tensors cast to this dtype (`null`: as in the source).
     pub dtype: Option<Dtype>,
+    /// The engine and release range the output is laid out for (`null`: the mapping declares
+    /// no targets).
+    #[serde(default)]
+    pub target: Option<EngineTarget>,
+    /// Without a target: the mapping's word on which engine loads the output, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_status: Option<String>,
     /// Total bytes of source tensor data.
     pub source_bytes: u64,
     /// `[alias, primary]` source tensors checked byte-identical and not written.
@@ -399,6 +457,30 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
         params.push(Param { rule: *r, targets, layout, inputs, dtype });
     }
     params.sort_by(|a, b| natural_cmp(&a.targets[0], &b.targets[0]));
+    let mut constants = Vec::new();
+    for c in &mapping.constants {
+        let mut names = std::collections::BTreeSet::new();
+        for b in canon.keys().filter_map(|n| c.for_each.matches(n)) {
+            names.insert(c.targets.iter().map(|t| t.render(&b)).collect::<Vec<_>>());
+        }
+        if names.is_empty() {
+            return Err(PlanError::DeadRule { mapping: mapping.origin.clone(), rule: c.label() });
+        }
+        for targets in names {
+            for t in &targets {
+                if let Some(prev) = targets_seen.insert(t.clone(), c.label()) {
+                    return Err(PlanError::TargetCollision { target: t.clone(), a: prev, b: c.label() });
+                }
+            }
+            constants.push(ConstParam {
+                targets,
+                dtype: c.dtype,
+                shape: c.shape.clone(),
+                value: c.value,
+                engines: c.engines.clone(),
+            });
+        }
+    }
     Ok(Resolved {
         family: mapping.file.family.clone(),
         mapping: mapping.origin.clone(),
@@ -407,6 +489,10 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
         params,
         aliases,
         source_bytes: meta.total_bytes(),
+        constants,
+        engines: mapping.file.engines.clone(),
+        default_engine: mapping.file.default_engine.clone(),
+        engine_status: mapping.file.engine_status.clone(),
     })
 }
 
@@ -610,6 +696,13 @@ impl Resolved {
         Ok(())
     }
 
+    /// The target `want` selects (see [`engine::select`]).
+    pub fn target(&self, want: Option<&str>) -> Result<Option<EngineTarget>, PlanError> {
+        engine::select(&self.engines, self.default_engine.as_deref(), want).map(|t| t.cloned()).map_err(|msg| {
+            PlanError::Target { mapping: self.mapping.clone(), msg, hint: engine::known_hint(&self.engines) }
+        })
+    }
+
     /// Every tp from 1 to `max` that [`Resolved::check_tp`] accepts.
     pub fn valid_tps(&self, max: usize) -> Vec<usize> {
         (1..=max).filter(|&tp| self.check_tp(tp).is_ok()).collect()
@@ -617,10 +710,11 @@ impl Resolved {
 
     /// Expands every parameter for every rank and assigns tensors to parts.
     pub fn plan(&self, opts: &PlanOptions) -> Result<ShardPlan, PlanError> {
-        let PlanOptions { tp, max_part_size, dtype: cast } = *opts;
+        let PlanOptions { tp, max_part_size, dtype: cast, ref target } = *opts;
         if max_part_size == 0 {
             return Err(PlanError::ZeroPartSize);
         }
+        let target = self.target(target.as_deref())?;
         if let Err(reason) = self.check_tp(tp) {
             return Err(PlanError::BadTp { tp, reason, valid: self.valid_tps(512) });
         }
@@ -642,6 +736,20 @@ impl Resolved {
                         split: p.layout.name().to_string(),
                         nbytes,
                         pieces: pieces.clone(),
+                    });
+                }
+            }
+            for c in self.constants.iter().filter(|c| engine::applies(&c.engines, target.as_ref())) {
+                let rows = c.shape.first().copied().unwrap_or(1);
+                let nbytes = c.shape.iter().product::<usize>() as u64 * c.dtype.size() as u64;
+                for name in &c.targets {
+                    tensors.push(OutTensor {
+                        name: name.clone(),
+                        dtype: c.dtype,
+                        shape: c.shape.clone(),
+                        split: "constant".into(),
+                        nbytes,
+                        pieces: vec![Piece::Constant { rows: [0, rows], value: Value(c.value) }],
                     });
                 }
             }
@@ -668,6 +776,8 @@ impl Resolved {
             tp,
             max_part_size,
             dtype: cast,
+            engine_status: if target.is_none() { self.engine_status.clone() } else { None },
+            target,
             source_bytes: self.source_bytes,
             aliases: self.aliases.iter().map(|(a, p)| [a.clone(), p.clone()]).collect(),
             files,
@@ -957,6 +1067,7 @@ mod tests {
                             for i in *start..*end { *hits.entry((source.clone(), i)).or_default() += 1; }
                         }
                         Piece::Zeros { rows, .. } => { prop_assert_eq!(rows[0], row); row = rows[1]; zero_rows += rows[1] - rows[0]; }
+                        Piece::Constant { .. } => prop_assert!(false, "this mapping declares no constants"),
                     }
                 }
                 prop_assert_eq!(row, t.shape[0]);

@@ -107,11 +107,13 @@ pub struct VerifyOptions {
     pub source_tokens: usize,
     /// Seed of the random inputs.
     pub seed: u64,
+    /// The target to verify against when the output has no manifest (`None`: the default).
+    pub target: Option<String>,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
-        VerifyOptions { forward: true, tokens: 8, source_tokens: 12, seed: 0x5eed }
+        VerifyOptions { forward: true, tokens: 8, source_tokens: 12, seed: 0x5eed, target: None }
     }
 }
 
@@ -225,7 +227,12 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
         Some(m) => m.dtype,
         None => infer_cast(&resolved, out, &ranks),
     };
-    let plan = match resolved.plan(&plan::PlanOptions { dtype, ..plan::PlanOptions::new(tp) }) {
+    // The target: the manifest's, or, without one, the one asked for.
+    let target = match &manifest {
+        Some(m) => m.target.as_ref().map(|t| t.name.clone()),
+        None => opts.target.clone(),
+    };
+    let plan = match resolved.plan(&plan::PlanOptions { dtype, target, ..plan::PlanOptions::new(tp) }) {
         Ok(p) => p,
         Err(e) => {
             findings.push(finding(
@@ -494,6 +501,23 @@ fn compare_tensor(ckpt: &Checkpoint, t: &OutTensor, got: &[u8]) -> Option<Findin
                         });
                     }
                     at += len;
+                }
+            }
+            Piece::Constant { rows, value } => {
+                let want = dtype::encode_value(t.dtype, value.0).unwrap_or_default();
+                let region = got.get(rows[0] * row_bytes..rows[1] * row_bytes).unwrap_or(&[]);
+                if let Some(i) = region.chunks(elem).position(|e| e != want.as_slice()) {
+                    let e = rows[0] * row_bytes / elem + i;
+                    let message = format!(
+                        "element {} should be the constant {} of the mapping but is {}",
+                        crate::text::shape(&unravel(e, &t.shape)),
+                        value.0,
+                        show(t.dtype, &region[i * elem..(i + 1) * elem])
+                    );
+                    return Some(Finding {
+                        element: Some(unravel(e, &t.shape)),
+                        ..finding(FindingKind::Mismatch, None, Some(&t.name), message)
+                    });
                 }
             }
             Piece::Zeros { rows, reason } => {

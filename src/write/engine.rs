@@ -49,6 +49,8 @@ enum Kind {
     Gather { runs: Vec<(usize, u64, usize)>, cast: Option<(Dtype, Dtype)> },
     /// Zeros (already there: the file is preallocated).
     Zeros,
+    /// One element's bytes repeated (a constant tensor).
+    Fill { elem: Vec<u8> },
 }
 
 #[derive(Debug)]
@@ -142,6 +144,14 @@ fn cut(
                     let dst = g.skip_to(&mut out);
                     let len = ((rows[1] - rows[0]) * row_bytes) as u64;
                     out.push(Unit { dst, len, kind: Kind::Zeros });
+                    g.start = dst + len;
+                }
+                Piece::Constant { rows, value } => {
+                    let elem = dtype::encode_value(t.dtype, value.0)
+                        .map_err(|m| WriteError::Internal { tensor: t.name.clone(), from: m })?;
+                    let dst = g.skip_to(&mut out);
+                    let len = ((rows[1] - rows[0]) * row_bytes) as u64;
+                    out.push(Unit { dst, len, kind: Kind::Fill { elem } });
                     g.start = dst + len;
                 }
             }
@@ -271,8 +281,23 @@ fn exec(
                 left -= n;
             }
         }
+        Kind::Fill { elem } => {
+            // Constants are engine buffers (a few bytes each): one buffer of the whole unit.
+            buf.clear();
+            buf.resize(u.len as usize, 0);
+            fill_repeated(buf, elem, 0);
+            dst.write_all_at(buf, u.dst).map_err(io(path))?;
+            crc.update(buf);
+        }
     }
     Ok(())
+}
+
+/// Fills `b` with `elem` repeated, as the bytes from offset `at` of the repetition.
+fn fill_repeated(b: &mut [u8], elem: &[u8], at: usize) {
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = elem[(at + i) % elem.len()];
+    }
 }
 
 /// Reserves the file's blocks up front (fewer, larger extents and an early ENOSPC); falls back
@@ -496,6 +521,10 @@ fn exec_direct(ckpt: &Checkpoint, u: &Unit, out: &mut Stream, buf: &mut Vec<u8>)
         }
         Kind::Zeros => out.put(u.len as usize, |b, _| {
             b.fill(0);
+            Ok(())
+        }),
+        Kind::Fill { elem } => out.put(u.len as usize, |b, at| {
+            fill_repeated(b, elem, at);
             Ok(())
         }),
     }

@@ -61,6 +61,9 @@ pub struct Manifest {
     /// Float tensors cast to this dtype (`null`: as in the source).
     #[serde(default)]
     pub dtype: Option<crate::dtype::Dtype>,
+    /// The engine target the output is laid out for (`null`: the mapping declares none).
+    #[serde(default)]
+    pub target: Option<crate::mapping::engine::EngineTarget>,
     /// The checkpoint's weight files.
     pub source_files: Vec<SourceEntry>,
     /// Non-weight files copied from the checkpoint.
@@ -84,6 +87,7 @@ impl Manifest {
             tp: plan.tp,
             max_part_size: plan.max_part_size,
             dtype: plan.dtype,
+            target: plan.target.clone(),
             source_files: meta.files.iter().map(|f| SourceEntry { name: f.name.clone(), size: f.size }).collect(),
             copied_files: copied.to_vec(),
             aliases: plan.aliases.clone(),

@@ -15,9 +15,39 @@ fn heads_for(name: &str, enc: usize, dec: usize) -> usize {
     }
 }
 
+/// vLLM from 0.14.0 on (the default target): every decoder layer's self-attention and
+/// cross-attention `attn` holds four persistent float32 scalar buffers equal to 1.0 (the kv-cache
+/// quantization scales); the encoder's attention holds none.
+pub fn with_attention_scales(src: &BTreeMap<String, T>, mut ranks: Ranks) -> Ranks {
+    let layers: std::collections::BTreeSet<&str> =
+        src.keys().filter_map(|k| k.strip_prefix("model.decoder.layers.")?.split('.').next()).collect();
+    assert!(!layers.is_empty(), "an encoder-decoder fixture has decoder layers");
+    let one = T { dtype: "F32".into(), shape: vec![], data: 1f32.to_le_bytes().to_vec() };
+    for m in &mut ranks {
+        for i in &layers {
+            for attn in ["self_attn", "encoder_attn"] {
+                for s in ["_k_scale", "_v_scale", "_q_scale", "_prob_scale"] {
+                    assert!(m.insert(format!("model.decoder.layers.{i}.{attn}.attn.{s}"), one.clone()).is_none());
+                }
+            }
+        }
+    }
+    ranks
+}
+
+/// BART for the default target: [`bart_weights`] plus the attention scale buffers.
+pub fn bart(src: &BTreeMap<String, T>, cfg: &serde_json::Value, tp: usize) -> Ranks {
+    with_attention_scales(src, bart_weights(src, cfg, tp))
+}
+
+/// Whisper for the default target: [`whisper_weights`] plus the attention scale buffers.
+pub fn whisper(src: &BTreeMap<String, T>, cfg: &serde_json::Value, tp: usize) -> Ranks {
+    with_attention_scales(src, whisper_weights(src, cfg, tp))
+}
+
 /// BART: fused qkv self-attention, cross q (column) + kv, out_proj/fc2 row, fc1 column,
 /// tied shared embedding and positions vocab-parallel, the rest replicated.
-pub fn bart(src: &BTreeMap<String, T>, cfg: &serde_json::Value, tp: usize) -> Ranks {
+pub fn bart_weights(src: &BTreeMap<String, T>, cfg: &serde_json::Value, tp: usize) -> Ranks {
     let (enc, dec) = (uint(cfg, "encoder_attention_heads"), uint(cfg, "decoder_attention_heads"));
     let tied = ["model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"];
     let shared = src.get("model.shared.weight").expect("BART fixtures carry model.shared.weight");
@@ -71,8 +101,8 @@ pub fn bart(src: &BTreeMap<String, T>, cfg: &serde_json::Value, tp: usize) -> Ra
 }
 
 /// Whisper: like BART but no k bias (zeros in the fused biases), fc1/fc2 under `mlp.`, and the
-/// vocabulary, positions and convs replicated.
-pub fn whisper(src: &BTreeMap<String, T>, cfg: &serde_json::Value, tp: usize) -> Ranks {
+/// vocabulary, positions and convs replicated (vLLM 0.10 to 0.13: nothing else).
+pub fn whisper_weights(src: &BTreeMap<String, T>, cfg: &serde_json::Value, tp: usize) -> Ranks {
     let (enc, dec) = (uint(cfg, "encoder_attention_heads"), uint(cfg, "decoder_attention_heads"));
     assert!(!src.keys().any(|k| k.ends_with("k_proj.bias")), "HF Whisper has no k_proj.bias");
     (0..tp)

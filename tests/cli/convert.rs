@@ -6,7 +6,7 @@ use crate::util::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-type Contract = fn(&BTreeMap<String, T>, &serde_json::Value, usize) -> Ranks;
+pub type Contract = fn(&BTreeMap<String, T>, &serde_json::Value, usize) -> Ranks;
 
 /// Converts `name` at `tp` and compares every rank with the contract; returns the output dir.
 pub fn check(name: &str, tp: usize, expected: Contract, extra: &[&str]) -> tempfile::TempDir {

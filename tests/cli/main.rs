@@ -8,5 +8,6 @@ mod families;
 mod gpu_cli;
 mod hostile;
 mod plan;
+mod targets;
 mod util;
 mod verify;

@@ -280,3 +280,37 @@ fn verify_checks_a_cast_output_with_or_without_its_manifest() {
         expect_finding("mllama-gqa", &out, "mismatch", Some(2), "language_model.model.layers.0.mlp.down_proj.weight");
     assert_eq!(f["element"], serde_json::json!([0, 3]));
 }
+
+#[test]
+fn a_wrong_constant_buffer_is_found() {
+    let (_t, out) = convert("whisper-tiny", 2);
+    let name = "model.decoder.layers.1.encoder_attn.attn._v_scale";
+    damage(&out, 1, |m| set_f32s(m.get_mut(name).unwrap(), &[0.5]));
+    let f = expect_finding("whisper-tiny", &out, "mismatch", Some(1), name);
+    let msg = f["message"].as_str().unwrap();
+    assert!(msg.contains("should be the constant 1 of the mapping but is 0.5"), "{msg}");
+    // A missing buffer is named too (vLLM would refuse the output for it).
+    damage(&out, 0, |m| {
+        m.remove("model.decoder.layers.0.self_attn.attn._q_scale");
+    });
+    expect_finding("whisper-tiny", &out, "missing", Some(0), "model.decoder.layers.0.self_attn.attn._q_scale");
+}
+
+#[test]
+fn verify_checks_against_the_manifest_target_or_the_one_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let r = reshard(&[&"convert", &fixture("whisper-tiny"), &"--tp", &"2", &"--target", &"vllm-0.10", &"--out", &out]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // With the manifest: its target, whatever the default.
+    let (code, v) = verify_json("whisper-tiny", &out);
+    assert_eq!(code, 0, "{v:#}");
+    // Without it, the default target wants the buffers this output lacks ...
+    std::fs::remove_file(out.join("reshard-manifest.json")).unwrap();
+    expect_finding("whisper-tiny", &out, "missing", Some(1), "model.decoder.layers.0.encoder_attn.attn._k_scale");
+    // ... and --target names the one it was made for.
+    for t in ["vllm-0.10", "vllm==0.13.0"] {
+        let r = reshard(&[&"verify", &fixture("whisper-tiny"), &out, &"--target", &t]);
+        assert_eq!(r.code, 0, "{t}: {}{}", r.stdout, r.stderr);
+    }
+}
