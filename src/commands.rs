@@ -38,7 +38,10 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
             let (summary, report) = reshard::execute(meta, &plan, &opts, a.verify.then_some((&src, &vopts)))?;
             bar.finish_and_clear();
             let printed = if s.json {
-                output::print_json(out, &serde_json::json!({"written": summary, "verify": report}))
+                output::print_json(
+                    out,
+                    &serde_json::json!({"written": summary, "target": plan.target, "verify": report}),
+                )
             } else {
                 output::print_written(out, &plan, &summary, report.as_ref())
             };

@@ -109,7 +109,7 @@ fn print_target(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
 
 /// Writes the human verify report.
 pub fn print_verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
-    writeln!(w, "family {} ({}), tp {}", r.family, r.mapping, r.tp)?;
+    writeln!(w, "family {} ({}), tp {}, target {}", r.family, r.mapping, r.tp, r.target.as_deref().unwrap_or("none"))?;
     writeln!(
         w,
         "bytes: {} tensors in {} files checked against the source, {} compared",

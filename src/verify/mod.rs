@@ -128,6 +128,8 @@ pub struct VerifyReport {
     pub family: String,
     /// Mapping used.
     pub mapping: String,
+    /// Name of the engine target verified against (`null`: the mapping declares none).
+    pub target: Option<String>,
     /// Tensor-parallel size verified.
     pub tp: usize,
     /// Output files read.
@@ -241,7 +243,7 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
                 None,
                 format!("the output's tp {tp} is not valid for the source: {e}"),
             ));
-            return Ok(report(&resolved, tp, findings, 0, 0, 0, manifest.is_some(), vec![]));
+            return Ok(report(&resolved, None, tp, findings, 0, 0, 0, manifest.is_some(), vec![]));
         }
     };
     let ckpt = Checkpoint::open(meta)?;
@@ -278,7 +280,8 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
             }
         }
     }
-    Ok(report(&resolved, tp, findings, files, tensors, bytes, manifest.is_some(), layers))
+    let target = plan.target.as_ref().map(|t| t.name.clone());
+    Ok(report(&resolved, target, tp, findings, files, tensors, bytes, manifest.is_some(), layers))
 }
 
 /// The dtype float tensors were cast to, judged from rank 0's files: the dtype of the first
@@ -295,6 +298,7 @@ fn infer_cast(resolved: &Resolved, out: &Path, ranks: &RankFiles) -> Option<crat
 #[allow(clippy::too_many_arguments)]
 fn report(
     r: &Resolved,
+    target: Option<String>,
     tp: usize,
     findings: Vec<Finding>,
     files: usize,
@@ -308,6 +312,7 @@ fn report(
         ok: findings.is_empty(),
         family: r.family.clone(),
         mapping: r.mapping.clone(),
+        target,
         tp,
         files_checked: files,
         tensors_checked: tensors,

@@ -305,6 +305,7 @@ fn verify_checks_against_the_manifest_target_or_the_one_asked_for() {
     // With the manifest: its target, whatever the default.
     let (code, v) = verify_json("whisper-tiny", &out);
     assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["target"], "vllm-0.10");
     // Without it, the default target wants the buffers this output lacks ...
     std::fs::remove_file(out.join("reshard-manifest.json")).unwrap();
     expect_finding("whisper-tiny", &out, "missing", Some(1), "model.decoder.layers.0.encoder_attn.attn._k_scale");
