@@ -22,8 +22,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import run_group
 
 HERE = Path(__file__).resolve().parent
 SWAPPED = "model.decoder.layers.0.encoder_attn.kv_proj.weight"
@@ -45,16 +46,13 @@ def vllm(model, tp, load_format, out, log):
         DO_NOT_TRACK="1",
         TOKENIZERS_PARALLELISM="false",
     )
-    t = time.time()
     cmd = [sys.executable, str(HERE / "run_vllm.py"), str(model), "--tp", str(tp), "--load-format", load_format,
            "--out", str(out)]
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0 or not Path(out).exists():
+    code = run_group(cmd, log, env=env, timeout=900)
+    if code != 0 or not Path(out).exists():
         tail = Path(log).read_text(errors="replace").splitlines()[-25:]
         print("\n".join(tail))
         raise SystemExit(f"FAIL: vLLM could not load {model} (tp {tp}, {load_format}); log: {log}")
-    print(f"  vLLM {load_format} tp {tp}: {time.time() - t:.0f} s", flush=True)
     return json.loads(Path(out).read_text())["outputs"]
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from common import bytes_to_unicode, rerandomize
 from transformers import (
     WhisperConfig,
     WhisperFeatureExtractor,
@@ -35,19 +36,6 @@ SPECIALS = [
 ]
 
 
-def bytes_to_unicode():
-    """GPT-2's reversible byte -> printable character table (byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def make_tokenizer(tmp: Path) -> WhisperTokenizer:
     alphabet = sorted(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(alphabet)}
@@ -67,26 +55,6 @@ def make_tokenizer(tmp: Path) -> WhisperTokenizer:
     )
     tok.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
     return tok
-
-
-def rerandomize(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=g, dtype=torch.float32)
-            if "layer_norm" in name and name.endswith("weight"):
-                t.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("bias"):
-                t.copy_(0.1 * noise)
-            elif "embed" in name:
-                t.copy_(0.5 * noise)
-            else:
-                fan_in = t.shape[1] if t.dim() > 1 else t.shape[0]
-                if t.dim() == 3:  # conv [out, in, k]
-                    fan_in = t.shape[1] * t.shape[2]
-                t.copy_(noise / fan_in**0.5)
 
 
 def main(out: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import sys
 
 import numpy as np
+from common import top
 
 PROMPT = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 TOP_K = 5
@@ -28,13 +29,6 @@ def clips():
     chirp_t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
     chirp = 0.4 * np.sin(2 * np.pi * (200 + 1800 * chirp_t) * chirp_t)
     return [x.astype(np.float32) for x in (tone, noise, chirp)]
-
-
-def top(entry):
-    """{token id: logprob} of one position, as sorted [id, logprob] pairs (JSON keeps floats exact)."""
-    if entry is None:
-        return None
-    return sorted([[int(k), float(v.logprob)] for k, v in entry.items()])
 
 
 def main():
@@ -83,7 +77,8 @@ def main():
     with open(a.out, "w") as f:
         json.dump({"model": a.model, "tp": a.tp, "load_format": a.load_format, "outputs": result}, f)
     print(f"run_vllm: {a.model} tp {a.tp} {a.load_format}: tokens {[r['token_ids'] for r in result]}", flush=True)
-    # vLLM's workers sometimes keep the interpreter alive at exit; the result is on disk.
+    # vLLM's engine processes can keep the interpreter from exiting; the result is on disk, and
+    # the driver kills this process's group (common.run_group).
     sys.stdout.flush()
     os._exit(0)
 
