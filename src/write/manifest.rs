@@ -2,8 +2,9 @@
 //! from. Documented in README.md ("Output layout"); `verify` reads it back.
 
 use crate::checkpoint::CheckpointMeta;
+use crate::mapping::engine::EngineTarget;
 use crate::plan::{OutTensor, ShardPlan, PLAN_FORMAT_VERSION};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// One written file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,8 +63,8 @@ pub struct Manifest {
     #[serde(default)]
     pub dtype: Option<crate::dtype::Dtype>,
     /// The engine target the output is laid out for (`null`: the mapping declares none).
-    #[serde(default)]
-    pub target: Option<crate::mapping::engine::EngineTarget>,
+    #[serde(default, deserialize_with = "lenient_target")]
+    pub target: Option<EngineTarget>,
     /// The checkpoint's weight files.
     pub source_files: Vec<SourceEntry>,
     /// Non-weight files copied from the checkpoint.
@@ -98,5 +99,38 @@ impl Manifest {
                 .map(|(p, e)| ManifestFile { entry: e.clone(), tensors: p.tensors.clone() })
                 .collect(),
         }
+    }
+}
+
+/// The fields of [`EngineTarget`] (a test checks the list).
+const KNOWN_TARGET_FIELDS: [&str; 6] = ["name", "engine", "min_version", "max_version", "model_code", "evidence"];
+
+/// Reads a manifest's target ignoring fields this build does not know: mapping files are strict
+/// about their keys, but a manifest written by a later version may carry more.
+fn lenient_target<'de, D: Deserializer<'de>>(d: D) -> Result<Option<EngineTarget>, D::Error> {
+    let Some(mut v) = Option::<serde_json::Value>::deserialize(d)? else { return Ok(None) };
+    if let Some(m) = v.as_object_mut() {
+        m.retain(|k, _| KNOWN_TARGET_FIELDS.contains(&k.as_str()));
+    }
+    serde_json::from_value(v).map(Some).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_with_fields_of_a_later_version_still_reads() {
+        let t = r#"{"name":"vllm-0.14","engine":"vllm","min_version":"0.14.0","max_version":"0.32.0","model_code":"m","evidence":"e","added_later":1}"#;
+        let mut de = serde_json::Deserializer::from_str(t);
+        assert_eq!(lenient_target(&mut de).unwrap().unwrap().name, "vllm-0.14");
+        let mut de = serde_json::Deserializer::from_str("null");
+        assert_eq!(lenient_target(&mut de).unwrap(), None);
+        // Every field the target has is kept.
+        let full: EngineTarget = serde_json::from_str(&t.replace(r#","added_later":1"#, "")).unwrap();
+        let keys: Vec<String> = serde_json::to_value(&full).unwrap().as_object().unwrap().keys().cloned().collect();
+        let mut known: Vec<&str> = KNOWN_TARGET_FIELDS.to_vec();
+        known.sort_unstable();
+        assert_eq!(keys, known);
     }
 }
