@@ -759,6 +759,8 @@ mod tests {
         for (name, _) in BUILTIN {
             let m = Mapping::builtin(name).unwrap();
             assert!(!m.rules.is_empty(), "{name}");
+            // Every family says which engine loads its output, or that none does.
+            assert!(m.file.engine_status.is_some() != m.target(None).unwrap().is_some(), "{name}");
         }
     }
 
