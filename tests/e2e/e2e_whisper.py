@@ -12,6 +12,8 @@ computes from the Hugging Face checkpoint.
 4. Negative control: the tp-1 output with the k and v halves of one cross-attention kv_proj
    swapped must give different logprobs in vLLM (so the comparison can fail), and `reshard verify`
    must reject it.
+5. With `--refused T`: the tp-1 output made for another target T must be refused by this vLLM's
+   loader (a missing or an unknown state_dict key), so the choice of target is what makes it load.
 
 Exits 0 when every assertion holds, 1 otherwise; prints one line per check.
 """
@@ -35,7 +37,7 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def vllm(model, tp, load_format, out, log):
+def vllm_env(tp):
     env = dict(os.environ)
     env.update(
         VLLM_CPU_KVCACHE_SPACE="1",
@@ -46,6 +48,11 @@ def vllm(model, tp, load_format, out, log):
         DO_NOT_TRACK="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    return env
+
+
+def vllm(model, tp, load_format, out, log):
+    env = vllm_env(tp)
     cmd = [sys.executable, str(HERE / "run_vllm.py"), str(model), "--tp", str(tp), "--load-format", load_format,
            "--out", str(out)]
     code = run_group(cmd, log, env=env, timeout=900)
@@ -86,6 +93,7 @@ def main():
     ap.add_argument("--reshard", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--target", help="reshard --target (default: reshard's default)")
+    ap.add_argument("--refused", help="a target whose output this vLLM must refuse to load")
     a = ap.parse_args()
     target = ["--target", a.target] if a.target else []
     work = Path(a.work)
@@ -122,6 +130,17 @@ def main():
     diff = first_difference(results[1][0], swapped)
     check(diff is not None, f"negative control: vLLM's logprobs change with {SWAPPED} k/v swapped"
                             + (f" (first difference: {diff})" if diff else ""))
+
+    if a.refused:
+        other = work / "tp1-other-target"
+        sh([a.reshard, "convert", str(hf), "--tp", "1", "--out", str(other), "--quiet", "--target", a.refused],
+           stdout=subprocess.DEVNULL)
+        log = work / "other-target-tp1.log"
+        code = run_group([sys.executable, str(HERE / "run_vllm.py"), str(other), "--tp", "1", "--load-format",
+                          "sharded_state", "--out", str(work / "other-target-tp1.json")], log, env=vllm_env(1))
+        why = [l.strip() for l in log.read_text(errors="replace").splitlines() if "Missing keys" in l or "KeyError" in l]
+        check(code != 0 and bool(why), f"the output for target {a.refused} is refused by this vLLM: "
+                                       + (why[-1][-160:] if why else f"exit {code}, no key error in {log}"))
 
     print(f"{len(passed)} passed, {len(failures)} failed")
     sys.exit(1 if failures else 0)

@@ -61,7 +61,9 @@ def main():
     params = SamplingParams(
         temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_K, prompt_logprobs=TOP_K
     )
-    prompts = [{"prompt": PROMPT, "multi_modal_data": {"audio": (c, SAMPLE_RATE)}} for c in clips()]
+    # Bare arrays, already at 16 kHz: an (array, rate) tuple makes vLLM <= 0.13 resample with
+    # librosa even at the target rate (librosa is not in the locks); 0.32 takes either.
+    prompts = [{"prompt": PROMPT, "multi_modal_data": {"audio": c}} for c in clips()]
     outs = llm.generate(prompts, params)
     result = []
     for o in outs:
