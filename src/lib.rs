@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod exit_code;
 pub mod gpu;
+pub mod input;
 pub mod mapping;
 pub mod plan;
 pub mod text;

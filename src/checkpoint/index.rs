@@ -49,14 +49,23 @@ pub fn parse_index(text: &[u8], path: &Path) -> Result<Index, CheckpointError> {
     Ok(index)
 }
 
-/// Reads `path` and checks that every file it names is a relative path inside `dir` that exists.
+/// Reads `path` and checks that every file it names is a relative path inside `dir` that exists
+/// and is a regular file (after following links; a broken link is named as such).
 pub fn read_index(path: &Path, dir: &Path) -> Result<Index, CheckpointError> {
-    let text = std::fs::read(path).map_err(|source| CheckpointError::Io { path: path.to_owned(), source })?;
+    let text = crate::input::read_regular(path)?;
     let index = parse_index(&text, path)?;
     for file in index.files() {
-        let p = Path::new(&file);
-        if !dir.join(p).is_file() {
-            return Err(CheckpointError::IndexMissingFile { index: path.to_owned(), file });
+        let p = dir.join(Path::new(&file));
+        match crate::input::stat(&p) {
+            Err(e) if e.is_not_found() => {
+                return Err(CheckpointError::IndexMissingFile { index: path.to_owned(), file })
+            }
+            Err(e) => return Err(e.into()),
+            Ok(md) if !md.is_file() => {
+                let problem = crate::input::Problem::NotRegular(crate::input::kind(&md));
+                return Err(crate::input::FileError { path: p, problem }.into());
+            }
+            Ok(_) => {}
         }
     }
     Ok(index)

@@ -1,28 +1,34 @@
 //! The only `unsafe` in the crate: memory-mapping the checkpoint's files.
 
 use super::{CheckpointError, CheckpointMeta, TensorInfo};
+use crate::input;
 use memmap2::{Advice, Mmap};
 use std::fs::File;
 
-/// A checkpoint with its files mapped, for zero-copy reads of tensor data.
+/// A checkpoint with its files mapped, for zero-copy reads of tensor data, and its side files
+/// open for copying.
 pub struct Checkpoint {
     /// The metadata the maps were checked against.
     pub meta: CheckpointMeta,
     maps: Vec<Mmap>,
     files: Vec<File>,
+    side: Vec<File>,
 }
 
 impl Checkpoint {
-    /// Maps every file of `meta` read-only.
+    /// Maps every file of `meta` read-only and opens its side files ([`CheckpointMeta::extra_files`]).
     ///
     /// Each file's size is checked again against the size seen when its header was parsed, so a
     /// file replaced or truncated between `read` and `open` is an error, not an out-of-bounds read.
+    /// Files are opened with [`input::open_regular`] again, so one replaced by a FIFO in between
+    /// cannot block; and since the side files are copied from the handles opened here, one that
+    /// became unreadable is found before the first shard byte is written.
     pub fn open(meta: CheckpointMeta) -> Result<Self, CheckpointError> {
         let mut maps = Vec::with_capacity(meta.files.len());
         let mut files = Vec::with_capacity(meta.files.len());
         for f in &meta.files {
             let io = |source| CheckpointError::Io { path: f.path.clone(), source };
-            let file = File::open(&f.path).map_err(io)?;
+            let file = input::open_regular(&f.path)?;
             let len = file.metadata().map_err(io)?.len();
             if len != f.size {
                 return Err(io(std::io::Error::other(format!(
@@ -40,7 +46,17 @@ impl Checkpoint {
             maps.push(map);
             files.push(file);
         }
-        Ok(Checkpoint { meta, maps, files })
+        let side = meta
+            .extra_files
+            .iter()
+            .map(|n| input::open_regular(&meta.dir.join(n)).map_err(|source| CheckpointError::SideFile { source }))
+            .collect::<Result<_, _>>()?;
+        Ok(Checkpoint { meta, maps, files, side })
+    }
+
+    /// The open side file `i` of [`CheckpointMeta::extra_files`] (for copying).
+    pub fn side_file(&self, i: usize) -> &File {
+        &self.side[i]
     }
 
     /// The data bytes of a tensor. The range was validated when the header was parsed.

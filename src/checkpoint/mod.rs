@@ -5,7 +5,11 @@
 //! Entry points: [`CheckpointMeta::read`] parses every header (no tensor data is touched, so
 //! `plan` is cheap); [`Checkpoint::open`] memory-maps the files for zero-copy reads. Every offset
 //! and size is checked; see [`header`] for the per-file checks and [`index`] for the routing checks.
+//! Every file is opened through [`crate::input`] (regular files only, never blocking; broken links
+//! named), and a path that is not a checkpoint gets a message saying what is there
+//! ([`discover`]).
 
+pub mod discover;
 pub mod header;
 pub mod index;
 mod mmap;
@@ -13,6 +17,7 @@ mod mmap;
 pub use mmap::Checkpoint;
 
 use crate::dtype::Dtype;
+use crate::input::{self, FileError};
 use crate::text::{q, qp};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -53,18 +58,26 @@ pub enum HeaderProblem {
 pub enum CheckpointError {
     #[error("cannot read {}: {source}", qp(path))]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{source}\n(hint: every file beside the weights is copied into the output; make it a readable regular file, or move it out of the checkpoint directory)")]
+    SideFile { source: FileError },
     #[error("{}: {problem}", qp(path))]
     Header { path: PathBuf, problem: HeaderProblem },
     #[error("{}: invalid JSON: {msg}", qp(path))]
     Json { path: PathBuf, msg: String },
-    #[error("{}: neither `model.safetensors` nor `{}` found\n(hint: pass the checkpoint directory, or one .safetensors file with --config)", qp(dir), index::INDEX_NAME)]
-    NoWeights { dir: PathBuf },
+    #[error("{}", discover::no_weights(dir, below, safetensors))]
+    NoWeights { dir: PathBuf, below: Vec<PathBuf>, safetensors: Vec<String> },
+    #[error("{}", discover::cache_root(dir, snapshots, main.as_deref()))]
+    HfCacheRoot { dir: PathBuf, snapshots: Vec<String>, main: Option<String> },
+    #[error("{}", discover::pickle(path, files))]
+    Pickle { path: PathBuf, files: Vec<String> },
     #[error("{}: both `model.safetensors` and `{}` exist; it is unclear which holds the model\n(hint: remove the stale one, or pass the single file with --config)", qp(dir), index::INDEX_NAME)]
     Ambiguous { dir: PathBuf },
     #[error("{}: no config.json\n(hint: pass --config FILE)", qp(dir))]
     NoConfig { dir: PathBuf },
-    #[error("{}: a single .safetensors file needs --config FILE", qp(path))]
-    FileNeedsConfig { path: PathBuf },
+    #[error("{}", discover::needs_config(path, beside.as_deref()))]
+    FileNeedsConfig { path: PathBuf, beside: Option<PathBuf> },
     #[error("{}: names file {} outside the checkpoint directory", qp(index), q(file))]
     IndexEscapes { index: PathBuf, file: String },
     #[error("{}: names file {}, which does not exist", qp(index), q(file))]
@@ -139,35 +152,52 @@ impl CheckpointMeta {
     ///
     /// `input` is a directory, or a single `.safetensors` file (then `config` must be given).
     pub fn read(input: &Path, config: Option<&Path>) -> Result<Self, CheckpointError> {
-        let md = fs::metadata(input).map_err(io(input))?;
+        let md = input::stat(input)?;
         let (dir, weight_names, index_path) = if md.is_dir() {
+            // Entries, not `exists()`: a broken link is there, and reading it says what is wrong.
             let single = input.join("model.safetensors");
             let idx = input.join(index::INDEX_NAME);
-            match (single.exists(), idx.exists()) {
-                (true, true) => return Err(CheckpointError::Ambiguous { dir: input.to_owned() }),
+            match (input::entry_exists(&single), input::entry_exists(&idx)) {
+                (true, true) => {
+                    // A broken link beside a good file is named, not called ambiguous.
+                    input::stat(&single)?;
+                    input::stat(&idx)?;
+                    return Err(CheckpointError::Ambiguous { dir: input.to_owned() });
+                }
                 (true, false) => (input.to_owned(), vec!["model.safetensors".to_string()], None),
                 (false, true) => {
                     let files = index::read_index(&idx, input)?.files();
                     (input.to_owned(), files, Some(idx))
                 }
-                (false, false) => return Err(CheckpointError::NoWeights { dir: input.to_owned() }),
+                (false, false) => return Err(discover::diagnose_dir(input)),
             }
+        } else if !md.is_file() {
+            return Err(
+                FileError { path: input.to_owned(), problem: input::Problem::NotRegular(input::kind(&md)) }.into()
+            );
         } else {
+            let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if discover::is_pickle(&name) {
+                return Err(CheckpointError::Pickle { path: input.to_owned(), files: vec![] });
+            }
             if config.is_none() {
-                return Err(CheckpointError::FileNeedsConfig { path: input.to_owned() });
+                let beside = input.with_file_name("config.json");
+                let beside = input::stat(&beside).is_ok_and(|m| m.is_file()).then_some(beside);
+                return Err(CheckpointError::FileNeedsConfig { path: input.to_owned(), beside });
             }
             let dir = input.parent().map(Path::to_path_buf).unwrap_or_default();
-            let name = input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             (dir, vec![name], None)
         };
         let config_path = match config {
             Some(c) => c.to_owned(),
             None => dir.join("config.json"),
         };
-        if !config_path.exists() {
+        // An explicit --config that is missing is named by the read below; an implicit one gets
+        // the hint.
+        if config.is_none() && !input::entry_exists(&config_path) {
             return Err(CheckpointError::NoConfig { dir: dir.clone() });
         }
-        let text = fs::read(&config_path).map_err(io(&config_path))?;
+        let text = input::read_regular(&config_path)?;
         let config: serde_json::Value = serde_json::from_slice(&text)
             .map_err(|e| CheckpointError::Json { path: config_path.clone(), msg: e.to_string() })?;
 
@@ -208,7 +238,7 @@ impl CheckpointMeta {
 
 /// Reads and validates the header of one safetensors file without reading its data.
 pub fn read_header(path: &Path) -> Result<header::Header, CheckpointError> {
-    let mut f = fs::File::open(path).map_err(io(path))?;
+    let mut f = input::open_regular(path)?;
     let size = f.metadata().map_err(io(path))?.len();
     let mut prefix = Vec::with_capacity(8);
     (&mut f).take(8).read_to_end(&mut prefix).map_err(io(path))?;
@@ -218,16 +248,26 @@ pub fn read_header(path: &Path) -> Result<header::Header, CheckpointError> {
     header::parse(path, &json, size)
 }
 
+/// The side files of `dir` to copy: every entry but weight files, hidden names and directories.
+/// Each is opened here, while planning, so one that cannot be copied (a FIFO, a socket, a device,
+/// a broken link, an unreadable file) is refused before the first shard byte is written; it is
+/// refused rather than skipped, so an output never silently lacks a file of its input.
 fn list_extra_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        // Follows symlinks: Hugging Face cache snapshots hold links into blobs/.
-        let is_file = fs::metadata(entry.path()).map(|m| m.is_file()).unwrap_or(false);
-        if is_file && !is_weight_file(&name) && !name.starts_with('.') {
-            out.push(name);
+        if is_weight_file(&name) || name.starts_with('.') {
+            continue;
         }
+        // Follows symlinks: Hugging Face cache snapshots hold links into blobs/.
+        let path = entry.path();
+        let side = |source| CheckpointError::SideFile { source };
+        if input::stat(&path).map_err(side)?.is_dir() {
+            continue;
+        }
+        input::open_regular(&path).map_err(side)?;
+        out.push(name);
     }
     out.sort();
     Ok(out)
@@ -263,6 +303,36 @@ mod tests {
         write(d.path(), "c.json", b"{}");
         let m = CheckpointMeta::read(&d.path().join("x.safetensors"), Some(&d.path().join("c.json"))).unwrap();
         assert!(m.extra_files.is_empty());
+    }
+
+    #[test]
+    fn side_file_replaced_after_planning_is_refused_when_opened() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "model.safetensors", &image(&[("w", "F32", &[2], &[0; 8])]));
+        write(d.path(), "config.json", b"{}");
+        write(d.path(), "tokenizer.json", b"{}");
+        let m = CheckpointMeta::read(d.path(), None).unwrap();
+        let tok = d.path().join("tokenizer.json");
+        fs::remove_file(&tok).unwrap();
+        let c = std::ffi::CString::new(tok.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let e = Checkpoint::open(m).err().expect("a FIFO side file is refused").to_string();
+        assert!(e.contains("tokenizer.json` is a FIFO, not a regular file") && e.contains("copied"), "{e}");
+    }
+
+    #[test]
+    fn a_broken_link_beside_the_index_is_named_not_ambiguous() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "config.json", b"{}");
+        write(d.path(), "a.safetensors", &image(&[("w", "F32", &[2], &[0; 8])]));
+        write(d.path(), index::INDEX_NAME, br#"{"weight_map":{"w":"a.safetensors"}}"#);
+        std::os::unix::fs::symlink("../blobs/old", d.path().join("model.safetensors")).unwrap();
+        let e = CheckpointMeta::read(d.path(), None).unwrap_err().to_string();
+        assert!(e.ends_with("model.safetensors` is a symlink to `../blobs/old`, which does not exist"), "{e}");
+        fs::remove_file(d.path().join("model.safetensors")).unwrap();
+        write(d.path(), "model.safetensors", &image(&[("w", "F32", &[2], &[0; 8])]));
+        assert!(matches!(CheckpointMeta::read(d.path(), None), Err(CheckpointError::Ambiguous { .. })));
     }
 
     #[test]

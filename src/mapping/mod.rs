@@ -38,6 +38,8 @@ pub const BUILTIN: &[(&str, &str)] = &[
 pub enum MappingError {
     #[error("cannot read mapping {}: {source}", crate::text::qp(path))]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("mapping {0}")]
+    File(crate::input::FileError),
     #[error("mapping {origin}: at `{at}`: {msg}")]
     Invalid { origin: String, at: String, msg: String },
     #[error(
@@ -432,8 +434,15 @@ pub struct Mapping {
 impl Mapping {
     /// Loads a mapping file from disk.
     pub fn load(path: &Path) -> Result<Mapping, MappingError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| MappingError::Io { path: path.to_owned(), source })?;
+        use crate::input::{read_regular, FileError, Problem};
+        let bytes = read_regular(path).map_err(|e| match e {
+            FileError { path, problem: Problem::Io(source) } => MappingError::Io { path, source },
+            e => MappingError::File(e),
+        })?;
+        let text = String::from_utf8(bytes).map_err(|_| MappingError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "stream did not contain valid UTF-8"),
+        })?;
         Mapping::parse(&text, &path.display().to_string())
     }
 

@@ -187,7 +187,7 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
         return Err(VerifyError::NoShards { dir: out.to_owned() }.into());
     }
     let mut findings = Vec::new();
-    let manifest: Option<Manifest> = match std::fs::read(out.join(MANIFEST_NAME)) {
+    let manifest: Option<Manifest> = match crate::input::read_regular(&out.join(MANIFEST_NAME)) {
         Ok(bytes) => match serde_json::from_slice(&bytes) {
             Ok(m) => Some(m),
             Err(e) => {
@@ -195,7 +195,11 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
                 None
             }
         },
-        Err(_) => None,
+        Err(e) if e.is_not_found() => None,
+        Err(e) => {
+            findings.push(finding(FindingKind::Manifest, None, None, e.to_string()));
+            None
+        }
     };
     let max_rank = *ranks.keys().last().expect("non-empty");
     let tp = manifest.as_ref().map(|m| m.tp).unwrap_or(max_rank + 1);
@@ -658,9 +662,13 @@ fn check_manifest(
     for e in m.files.iter().map(|x| &x.entry) {
         let path = out.join(&e.name);
         match crc_file(&path) {
-            Err(_) => f.push(Finding {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => f.push(Finding {
                 file: Some(e.name.clone()),
                 ..mf(format!("{} is listed in the manifest but missing", q(&e.name)))
+            }),
+            Err(err) => f.push(Finding {
+                file: Some(e.name.clone()),
+                ..mf(format!("{} is listed in the manifest but cannot be read: {err}", q(&e.name)))
             }),
             Ok((size, crc)) => {
                 let crc = format!("{crc:08x}");
@@ -689,7 +697,11 @@ fn check_manifest(
 /// Size and CRC-32 of a file, read in 1 MiB chunks.
 pub fn crc_file(path: &Path) -> std::io::Result<(u64, u32)> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+    // Regular files only: a FIFO in the output must not block verify.
+    let mut f = crate::input::open_regular(path).map_err(|e| match e.problem {
+        crate::input::Problem::Io(e) => e,
+        _ => std::io::Error::other(e.to_string()),
+    })?;
     let mut buf = vec![0u8; 1 << 20];
     let mut h = crc32fast::Hasher::new();
     let mut n = 0u64;

@@ -319,13 +319,14 @@ fn write_into(
 ) -> Result<WriteSummary, WriteError> {
     let files = engine::write_files(ckpt, plan, tmp, opts.progress, opts.fsync)?;
     let mut copied = Vec::new();
-    for name in &ckpt.meta.extra_files {
+    for (i, name) in ckpt.meta.extra_files.iter().enumerate() {
         if name == MANIFEST_NAME {
             continue;
         }
-        let (src, dst) = (ckpt.meta.dir.join(name), tmp.join(name));
+        let dst = tmp.join(name);
         // Not fs::copy: it would carry the source's mode over; a new file honours the umask.
-        let mut from = File::open(&src).map_err(io(&src))?;
+        // Copied from the handle Checkpoint::open opened and checked before any shard was written.
+        let mut from = ckpt.side_file(i);
         let mut to = File::create(&dst).map_err(io(&dst))?;
         std::io::copy(&mut from, &mut to).map_err(io(&dst))?;
         if opts.fsync {

@@ -3,11 +3,13 @@
 mod contract;
 mod convert;
 mod crash;
+mod discovery;
 mod errors;
 mod families;
 mod gpu_cli;
 mod hostile;
 mod plan;
+mod special;
 mod targets;
 mod util;
 mod verify;

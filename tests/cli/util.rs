@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
@@ -15,22 +16,58 @@ pub struct Out {
     pub stderr: String,
 }
 
-/// Runs `reshard args...`; asserts it did not panic (whatever the exit code).
+/// How long one run of the binary may take before the test fails: a run that blocks (on a FIFO
+/// opened for reading, say) must fail its test, not hang the suite.
+pub const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `reshard args...`; asserts it did not panic (whatever the exit code) and finished within
+/// [`TIMEOUT`].
 pub fn reshard(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Out {
     reshard_env(&[], args)
 }
 
 /// [`reshard`] with variables added to its environment.
 pub fn reshard_env(env: &[(&str, &str)], args: &[&dyn AsRef<std::ffi::OsStr>]) -> Out {
-    let o = Command::new(env!("CARGO_BIN_EXE_reshard"))
-        .args(args.iter().map(|a| a.as_ref()))
-        .envs(env.iter().copied())
-        .output()
-        .expect("spawn reshard");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_reshard"));
+    cmd.args(args.iter().map(|a| a.as_ref())).envs(env.iter().copied());
+    run(cmd, TIMEOUT)
+}
+
+/// Runs `cmd` with stdin closed, killing it and failing the test when it takes longer than
+/// `limit`; asserts it did not panic.
+pub fn run(mut cmd: Command, limit: Duration) -> Out {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        })
+    };
+    let so = drain(Box::new(child.stdout.take().expect("piped")));
+    let se = drain(Box::new(child.stderr.take().expect("piped")));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for reshard") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?} (blocked?); stderr: {}", se.join().unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let out = Out {
-        code: o.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        code: status.code().unwrap_or(-1),
+        stdout: so.join().expect("stdout reader"),
+        stderr: se.join().expect("stderr reader"),
     };
     assert!(!out.stderr.contains("panicked"), "reshard panicked: {}", out.stderr);
     out
