@@ -138,9 +138,10 @@ def main():
         log = work / "other-target-tp1.log"
         code = run_group([sys.executable, str(HERE / "run_vllm.py"), str(other), "--tp", "1", "--load-format",
                           "sharded_state", "--out", str(work / "other-target-tp1.json")], log, env=vllm_env(1))
-        why = [l.strip() for l in log.read_text(errors="replace").splitlines() if "Missing keys" in l or "KeyError" in l]
+        lines = log.read_text(errors="replace").splitlines()
+        why = [l[l.find(k):][:150] for l in lines for k in ("Missing keys", "KeyError") if k in l]
         check(code != 0 and bool(why), f"the output for target {a.refused} is refused by this vLLM: "
-                                       + (why[-1][-160:] if why else f"exit {code}, no key error in {log}"))
+                                       + (why[-1] if why else f"exit {code}, no key error in {log}"))
 
     print(f"{len(passed)} passed, {len(failures)} failed")
     sys.exit(1 if failures else 0)
