@@ -13,7 +13,7 @@ pub mod pattern;
 use crate::dtype::Dtype;
 use crate::text::q;
 use engine::EngineTarget;
-use pattern::Pattern;
+use pattern::{Bindings, Pattern};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,7 +60,11 @@ pub struct DimSpec {
     /// A dotted key path into config.json, e.g. `text_config.hidden_size`.
     #[serde(default)]
     pub config: Option<String>,
-    /// Value used when `config` names a key that is absent.
+    /// The number of entries of the list at this dotted config.json key (instead of `config`).
+    #[serde(default)]
+    pub length: Option<String>,
+    /// Value used when the key of `config` or `length` is absent (as the Hugging Face config
+    /// class defaults it).
     #[serde(default)]
     pub default: Option<u64>,
     /// An arithmetic expression over other dims and integers: `hidden / heads` (left to right,
@@ -205,20 +209,50 @@ pub struct ConstantSpec {
     pub note: Option<String>,
 }
 
-/// A consistency check between config.json and the tensors.
+/// A consistency check between config.json and the tensors, run before anything is written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CheckSpec {
     /// The integers listed at config key `config` must be exactly the values that variable `var`
-    /// takes in the tensor names matching `pattern`.
+    /// takes in the tensor names matching `pattern` (for each combination of the pattern's other
+    /// placeholders); with `complement`, exactly the integers in `0..complement` the list does not
+    /// hold.
     LayerSet {
         /// Dotted config key holding a list of integers.
         config: String,
         /// Pattern with the variable.
         pattern: String,
         /// The variable name.
+        #[serde(default = "default_var")]
         var: String,
+        /// A dim expression N: the layers are those of `0..N` not in the list.
+        #[serde(default)]
+        complement: Option<String>,
     },
+    /// The values of `var` in the tensor names matching `pattern` must be exactly `0..count`, for
+    /// each combination of the pattern's other placeholders.
+    LayerCount {
+        /// Pattern with the variable.
+        pattern: String,
+        /// The variable name.
+        #[serde(default = "default_var")]
+        var: String,
+        /// A dim expression; may use the pattern's other placeholders (`{side}_layers`).
+        count: String,
+    },
+    /// Every tensor matching `pattern` has exactly this shape.
+    Shape {
+        /// Source pattern (after `source_prefixes`).
+        pattern: String,
+        /// One entry per dimension: an integer or a dim expression, which may use the pattern's
+        /// placeholders with alternatives (`{side}_ffn`). Read as JSON values and checked when
+        /// the file is compiled, so that an error can name the entry (`checks[3].shape[1]`).
+        shape: Vec<serde_json::Value>,
+    },
+}
+
+fn default_var() -> String {
+    "i".into()
 }
 
 /// A prefix rewrite applied to source names before matching (for checkpoints saved under
@@ -378,15 +412,65 @@ pub struct RulePart {
 /// A compiled check.
 #[derive(Clone, Debug)]
 pub struct Check {
-    /// Position in the file.
+    /// Position in the file's `checks`.
     pub index: usize,
-    /// Config key.
-    pub config: String,
-    /// Pattern.
+    /// The pattern of tensor names it looks at.
     pub pattern: Pattern,
-    /// Variable.
-    pub var: String,
+    /// What it checks.
+    pub kind: CheckKind,
 }
+
+impl Check {
+    /// A short label for messages: `checks[3] (model.{side}.layers.{i}.fc1.weight)`.
+    pub fn label(&self) -> String {
+        format!("checks[{}] ({})", self.index, self.pattern.as_str())
+    }
+}
+
+/// What a compiled check checks.
+#[derive(Clone, Debug)]
+pub enum CheckKind {
+    /// The values of `var` per combination of the other placeholders (`groups`).
+    Layers {
+        /// The layer variable.
+        var: String,
+        /// Every binding of the other placeholders.
+        groups: Vec<Bindings>,
+        /// The expected layers.
+        expect: LayerExpect,
+    },
+    /// The shape of every matching tensor.
+    Shape {
+        /// Per dimension: a size or an expression template.
+        shape: Vec<ShapeEntry>,
+    },
+}
+
+/// The layers a layer check expects.
+#[derive(Clone, Debug)]
+pub enum LayerExpect {
+    /// `0..N` for the expression (a template over the group's placeholders).
+    Count(Pattern),
+    /// The list at a config key, or with `complement` the rest of `0..N`.
+    List {
+        /// Dotted config key.
+        config: String,
+        /// The expression N.
+        complement: Option<Pattern>,
+    },
+}
+
+/// One compiled dimension of a shape check.
+#[derive(Clone, Debug)]
+pub enum ShapeEntry {
+    /// A fixed size.
+    Size(u64),
+    /// An expression template.
+    Expr(Pattern),
+}
+
+/// At most this many combinations of alternatives per check (each is evaluated).
+const MAX_COMBINATIONS: usize = 4096;
 
 /// A compiled constant.
 #[derive(Clone, Debug)]
@@ -492,15 +576,14 @@ impl Mapping {
         for (i, p) in file.params.iter().enumerate() {
             rules.push(compile_rule(i, p, &file.dims).map_err(|(at, msg)| invalid(&format!("params[{i}]{at}"), msg))?);
         }
-        let mut checks = Vec::new();
-        for (i, c) in file.checks.iter().enumerate() {
-            let CheckSpec::LayerSet { config, pattern, var } = c;
-            let pattern = Pattern::parse(pattern).map_err(|m| invalid(&format!("checks[{i}].pattern"), m))?;
-            if !pattern.vars().contains(var.as_str()) {
-                return Err(invalid(&format!("checks[{i}].var"), format!("pattern has no placeholder `{{{var}}}`")));
-            }
-            checks.push(Check { index: i, config: config.clone(), pattern, var: var.clone() });
-        }
+        let checks = file
+            .checks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                compile_check(i, c, &file.dims).map_err(|(at, msg)| invalid(&format!("checks[{i}]{at}"), msg))
+            })
+            .collect::<Result<_, _>>()?;
         if let Some(ca) = &file.cross_attention {
             check_cross_attention(ca, &file.dims).map_err(|(at, msg)| invalid(&format!("cross_attention{at}"), msg))?;
         }
@@ -561,6 +644,87 @@ fn check_cross_attention(ca: &CrossAttentionSpec, dims: &BTreeMap<String, DimSpe
     need("source", &ca.source, false)?;
     need("shards", &ca.shards, true)?;
     Ok(())
+}
+
+/// Parses a dim expression template and checks it for every binding of `combos`: its
+/// placeholders must be among `allowed`, and every rendering a valid expression over `dims`.
+fn compile_expr(
+    at: &str,
+    text: &str,
+    pattern: &Pattern,
+    allowed: &[&str],
+    dims: &BTreeMap<String, DimSpec>,
+) -> Result<Pattern, (String, String)> {
+    let err = |msg: String| (at.to_string(), msg);
+    let t = Pattern::parse(text).map_err(err)?;
+    let vars: Vec<&str> = t.vars().into_iter().collect();
+    if let Some(v) = vars.iter().find(|v| !allowed.contains(v)) {
+        return Err(err(format!(
+            "`{{{v}}}` is not a placeholder with alternatives of the pattern `{}`",
+            pattern.as_str()
+        )));
+    }
+    for b in pattern.combinations(&vars, MAX_COMBINATIONS).map_err(err)? {
+        dims::check_expr(&t.render(&b), dims).map_err(err)?;
+    }
+    Ok(t)
+}
+
+fn compile_check(i: usize, c: &CheckSpec, dims: &BTreeMap<String, DimSpec>) -> Result<Check, (String, String)> {
+    let (pattern_text, var) = match c {
+        CheckSpec::LayerSet { pattern, var, .. } | CheckSpec::LayerCount { pattern, var, .. } => (pattern, Some(var)),
+        CheckSpec::Shape { pattern, .. } => (pattern, None),
+    };
+    let pattern = Pattern::parse(pattern_text).map_err(|m| (".pattern".to_string(), m))?;
+    // Placeholders with alternatives: what expressions may use, and what layer checks group by.
+    let alts: Vec<&str> = pattern.vars().into_iter().filter(|v| pattern.alternatives(v).is_some()).collect();
+    let kind = match c {
+        CheckSpec::Shape { shape, .. } => {
+            let shape = shape
+                .iter()
+                .enumerate()
+                .map(|(j, e)| {
+                    let at = format!(".shape[{j}]");
+                    match e {
+                        serde_json::Value::String(x) => {
+                            compile_expr(&at, x, &pattern, &alts, dims).map(ShapeEntry::Expr)
+                        }
+                        _ => match e.as_u64() {
+                            Some(n) => Ok(ShapeEntry::Size(n)),
+                            None => Err((
+                                at,
+                                format!("expected a size (an integer >= 0) or a dim expression (a string), found {e}"),
+                            )),
+                        },
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            CheckKind::Shape { shape }
+        }
+        CheckSpec::LayerSet { .. } | CheckSpec::LayerCount { .. } => {
+            let var = var.expect("layer checks have a var");
+            if !pattern.vars().contains(var.as_str()) || pattern.alternatives(var).is_some() {
+                return Err((".var".into(), format!("`{{{var}}}` is not a digit placeholder of the pattern")));
+            }
+            let others: Vec<&str> = pattern.vars().into_iter().filter(|v| v != var).collect();
+            let groups = pattern.combinations(&others, MAX_COMBINATIONS).map_err(|m| (".pattern".to_string(), m))?;
+            let expect = match c {
+                CheckSpec::LayerCount { count, .. } => {
+                    LayerExpect::Count(compile_expr(".count", count, &pattern, &alts, dims)?)
+                }
+                CheckSpec::LayerSet { config, complement, .. } => LayerExpect::List {
+                    config: config.clone(),
+                    complement: complement
+                        .as_ref()
+                        .map(|x| compile_expr(".complement", x, &pattern, &alts, dims))
+                        .transpose()?,
+                },
+                CheckSpec::Shape { .. } => unreachable!("handled above"),
+            };
+            CheckKind::Layers { var: var.clone(), groups, expect }
+        }
+    };
+    Ok(Check { index: i, pattern, kind })
 }
 
 fn compile_constant(i: usize, c: &ConstantSpec, engines: &[EngineTarget]) -> Result<Constant, (String, String)> {
@@ -819,6 +983,89 @@ mod tests {
         assert!(e.contains("at `constants[0].shape`"), "{e}");
         let e = err(&c(r#","colour":1"#));
         assert!(e.contains("constants[0]") && e.contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn checks_are_compiled_and_their_errors_name_the_json_path() {
+        let file = |checks: &str| {
+            format!(
+                r#"{{"format_version":1,"family":"t","model_types":["t"],
+                "dims":{{"d":{{"config":"d"}},"encoder_ffn":{{"config":"f"}},"decoder_ffn":{{"config":"g"}},"n":{{"config":"n"}}}},
+                "params":[{{"source":"m.{{side:encoder|decoder}}.l.{{i}}.w","split":{{"kind":"column"}}}}],"checks":[{checks}]}}"#
+            )
+        };
+        let ok = file(
+            r#"{"kind":"shape","pattern":"m.{side:encoder|decoder}.l.{i}.w","shape":["{side}_ffn","d * 2 + 1",3]},
+               {"kind":"layer_count","pattern":"m.{side:encoder|decoder}.l.{i}.w","count":"n"},
+               {"kind":"layer_set","config":"x","complement":"n - 1","pattern":"m.encoder.l.{j}.w","var":"j"}"#,
+        );
+        let m = Mapping::parse(&ok, "t.json").unwrap();
+        assert!(matches!(&m.checks[0].kind, CheckKind::Shape { shape } if shape.len() == 3));
+        match &m.checks[1].kind {
+            CheckKind::Layers { var, groups, expect: LayerExpect::Count(_) } => {
+                assert_eq!((var.as_str(), groups.len()), ("i", 2));
+            }
+            k => panic!("{k:?}"),
+        }
+        assert!(matches!(
+            &m.checks[2].kind,
+            CheckKind::Layers { expect: LayerExpect::List { complement: Some(_), .. }, .. }
+        ));
+        let cases = [
+            (
+                r#"{"kind":"shape","pattern":"a","shape":["d","nope"]}"#,
+                "at `checks[0].shape[1]`: expression `nope` uses unknown dim `nope`",
+            ),
+            (
+                r#"{"kind":"shape","pattern":"a.{i}","shape":["{i}_ffn"]}"#,
+                "at `checks[0].shape[0]`: `{i}` is not a placeholder with alternatives",
+            ),
+            (
+                r#"{"kind":"shape","pattern":"m.{side:encoder|middle}.w","shape":["{side}_ffn"]}"#,
+                "unknown dim `middle_ffn`",
+            ),
+            (r#"{"kind":"shape","pattern":"a","shape":["d +"]}"#, "at `checks[0].shape[0]`: expression `d +` must be"),
+            (
+                r#"{"kind":"shape","pattern":"a","shape":[true]}"#,
+                "at `checks[0].shape[0]`: expected a size (an integer >= 0) or a dim expression (a string), found true",
+            ),
+            (r#"{"kind":"shape","pattern":"a","shape":[2,-1]}"#, "at `checks[0].shape[1]`: expected a size"),
+            (r#"{"kind":"shape","pattern":"a.{i","shape":[]}"#, "at `checks[0].pattern`: unclosed"),
+            (r#"{"kind":"shape","pattern":"a","shape":[],"dims":1}"#, "unknown field `dims`"),
+            (r#"{"kind":"layer_count","pattern":"a.{i}"}"#, "missing field `count`"),
+            (
+                r#"{"kind":"layer_count","pattern":"a.{i}","count":"zz"}"#,
+                "at `checks[0].count`: expression `zz` uses unknown dim",
+            ),
+            (
+                r#"{"kind":"layer_count","pattern":"a.{k}","count":"n"}"#,
+                "at `checks[0].var`: `{i}` is not a digit placeholder",
+            ),
+            (
+                r#"{"kind":"layer_count","pattern":"a.{i:x|y}","count":"n"}"#,
+                "at `checks[0].var`: `{i}` is not a digit placeholder",
+            ),
+            (
+                r#"{"kind":"layer_count","pattern":"a.{i}.b.{j}","count":"n"}"#,
+                "at `checks[0].pattern`: `{j}` must be a placeholder with alternatives",
+            ),
+            (
+                r#"{"kind":"layer_count","pattern":"a.{i}","count":"{side}_ffn"}"#,
+                "at `checks[0].count`: `{side}` is not a placeholder",
+            ),
+            (r#"{"kind":"layer_set","config":"x","pattern":"a.{i}","complement":"n /"}"#, "at `checks[0].complement`"),
+            (r#"{"kind":"layer_set","pattern":"a.{i}"}"#, "missing field `config`"),
+            (r#"{"kind":"layer_range","pattern":"a.{i}"}"#, "layer_range"),
+        ];
+        for (check, want) in cases {
+            let e = err(&file(check));
+            assert!(e.contains(want), "{check}: {e}");
+        }
+        // A check whose alternatives multiply beyond the cap is refused when the file loads.
+        let alts = (0..10).map(|k| format!("a{k}")).collect::<Vec<_>>().join("|");
+        let big = (0..4).map(|k| format!("{{x{k}:{alts}}}")).collect::<Vec<_>>().join(".");
+        let e = err(&file(&format!(r#"{{"kind":"layer_count","pattern":"{big}.{{i}}","count":"n"}}"#)));
+        assert!(e.contains("at `checks[0].pattern`") && e.contains("more than 4096 combinations"), "{e}");
     }
 
     #[test]

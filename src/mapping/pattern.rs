@@ -93,6 +93,40 @@ impl Pattern {
         self.segs.iter().any(|s| matches!(s, Seg::Var { alts: Some(_), .. }))
     }
 
+    /// The alternatives of placeholder `var`; `None` for a digit placeholder or an unknown name.
+    pub fn alternatives(&self, var: &str) -> Option<&[String]> {
+        self.segs.iter().find_map(|s| match s {
+            Seg::Var { name, alts: Some(alts) } if name == var => Some(alts.as_slice()),
+            _ => None,
+        })
+    }
+
+    /// Every combination of the alternatives of `vars` (each must be a placeholder with
+    /// alternatives), at most `cap` of them; the error says which var is not or that there are
+    /// more than `cap`.
+    pub fn combinations(&self, vars: &[&str], cap: usize) -> Result<Vec<Bindings>, String> {
+        let mut out = vec![Bindings::new()];
+        for v in vars {
+            let alts = self.alternatives(v).ok_or_else(|| {
+                format!("`{{{v}}}` must be a placeholder with alternatives (`{{{v}:a|b}}`) of `{}`", self.text)
+            })?;
+            if out.len().saturating_mul(alts.len()) > cap {
+                return Err(format!("the placeholders of `{}` give more than {cap} combinations", self.text));
+            }
+            out = out
+                .into_iter()
+                .flat_map(|b| {
+                    alts.iter().map(move |a| {
+                        let mut b = b.clone();
+                        b.insert(v.to_string(), a.clone());
+                        b
+                    })
+                })
+                .collect();
+        }
+        Ok(out)
+    }
+
     /// Matches a whole name, returning the bindings.
     pub fn matches(&self, name: &str) -> Option<Bindings> {
         let mut b = Bindings::new();
@@ -171,6 +205,19 @@ mod tests {
     fn alternatives_backtrack() {
         let p = Pattern::parse("a.{x:b|bc}.d").unwrap();
         assert_eq!(p.matches("a.bc.d").unwrap()["x"], "bc");
+    }
+
+    #[test]
+    fn enumerates_alternatives() {
+        let p = Pattern::parse("m.{side:encoder|decoder}.layers.{i}.{t:fc1|fc2|x}.w").unwrap();
+        assert_eq!(p.alternatives("t").unwrap(), ["fc1", "fc2", "x"]);
+        assert!(p.alternatives("i").is_none() && p.alternatives("zz").is_none());
+        let c = p.combinations(&["side", "t"], 100).unwrap();
+        assert_eq!(c.len(), 6);
+        assert_eq!((c[5]["side"].as_str(), c[5]["t"].as_str()), ("decoder", "x"));
+        assert_eq!(p.combinations(&[], 100).unwrap(), vec![Bindings::new()]);
+        assert!(p.combinations(&["i"], 100).unwrap_err().contains("`{i}` must be a placeholder with alternatives"));
+        assert!(p.combinations(&["side", "t"], 5).unwrap_err().contains("more than 5 combinations"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::dtype::Dtype;
 use crate::mapping::dims::{self, DimError, Dims};
 use crate::mapping::engine::{self, EngineTarget};
 use crate::mapping::pattern::Bindings;
-use crate::mapping::{Mapping, Reshape, SplitSpec};
+use crate::mapping::{Check, CheckKind, LayerExpect, Mapping, Reshape, ShapeEntry, SplitSpec};
 use crate::text::{natural_cmp, q, shape as fmt_shape};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -28,8 +28,8 @@ pub const DEFAULT_MAX_PART_SIZE: u64 = 5 << 30;
 #[derive(Debug, thiserror::Error)]
 #[allow(missing_docs)]
 pub enum PlanError {
-    #[error("mapping {mapping}: {source}")]
-    Dim { mapping: String, source: DimError },
+    #[error("mapping {mapping}: {source} (config {config})")]
+    Dim { mapping: String, config: String, source: Box<DimError> },
     #[error("{} checkpoint tensor(s) claimed by no rule of mapping {mapping}: {}\n(hint: every tensor must be mapped; add a rule, or an alias if it duplicates another tensor)", names.len(), list(names))]
     Unclaimed { mapping: String, names: Vec<String> },
     #[error("tensor {} is claimed by two rules of mapping {mapping}: {a} and {b}", q(tensor))]
@@ -46,19 +46,80 @@ pub enum PlanError {
     DtypeMismatch { tensor: String, found: Dtype, other: String, expected: Dtype },
     #[error("alias {} differs from {} in {what}", q(alias), q(primary))]
     AliasMismatch { alias: String, primary: String, what: String },
-    #[error(
-        "config.json `{key}` lists {config_layers:?}, but tensors matching {} exist for {tensor_layers:?}{detail}",
-        q(pattern)
-    )]
-    LayerSet { key: String, pattern: String, config_layers: Vec<u64>, tensor_layers: Vec<u64>, detail: String },
-    #[error("config.json `{key}`: {msg}")]
-    Config { key: String, msg: String },
+    #[error("{0}")]
+    Layers(Box<LayerMismatch>),
+    #[error("{0}")]
+    ShapeCheck(Box<ShapeMismatch>),
+    #[error("{check}: `{expr}`: {msg} (config {config})")]
+    CheckExpr { check: String, expr: String, msg: String, config: String },
+    #[error("config.json `{key}`: {msg} (config {config})")]
+    Config { key: String, msg: String, config: String },
     #[error("tp {tp} does not fit this model: {reason}\n(hint: valid tp values: {})", if valid.is_empty() { "none up to 512".to_string() } else { valid.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ") })]
     BadTp { tp: usize, reason: String, valid: Vec<usize> },
     #[error("--max-part-size must be at least 1 byte")]
     ZeroPartSize,
     #[error("--target: {msg} in mapping {mapping}\n(hint: {hint})")]
     Target { mapping: String, msg: String, hint: String },
+}
+
+/// A `layer_count` or `layer_set` check failed: the layers config.json gives are not those present.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{expected}, but tensors matching {} exist for {}{detail} ({check} of mapping {mapping}; config {config})",
+    q(pattern),
+    layer_list(found)
+)]
+pub struct LayerMismatch {
+    /// What config.json gives, with the keys.
+    pub expected: String,
+    /// The pattern of the failing group, `{i}` left in.
+    pub pattern: String,
+    /// The layer numbers present, as written in the names.
+    pub found: Vec<String>,
+    /// The missing and the unexpected layers, with an example name each.
+    pub detail: String,
+    /// `checks[N]`.
+    pub check: String,
+    /// The mapping's origin.
+    pub mapping: String,
+    /// The quoted path of config.json.
+    pub config: String,
+}
+
+/// A `shape` check failed: a tensor's shape is not what config.json implies.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "tensor {} has shape {}{}, but config.json implies {}{}: {detail} ({check} of mapping {mapping}; config {config})",
+    q(tensor), fmt_shape(found),
+    if found.len() == expected.len() { String::new() } else { format!(" ({}-d)", found.len()) },
+    if found.len() == expected.len() { String::new() } else { format!("a {}-d ", expected.len()) },
+    fmt_shape(&expected.iter().map(|&e| e as usize).collect::<Vec<_>>())
+)]
+pub struct ShapeMismatch {
+    /// The tensor, as named in the file.
+    pub tensor: String,
+    /// Its shape.
+    pub found: Vec<usize>,
+    /// The shape config.json implies.
+    pub expected: Vec<u64>,
+    /// Each differing dim with the config keys behind it.
+    pub detail: String,
+    /// `checks[N]`.
+    pub check: String,
+    /// The mapping's origin.
+    pub mapping: String,
+    /// The quoted path of config.json.
+    pub config: String,
+}
+
+/// Layer numbers as `[0, 1, 2]`, the first 16 and how many in all beyond that.
+fn layer_list(layers: &[String]) -> String {
+    if layers.is_empty() {
+        return "no layer".into();
+    }
+    let shown: Vec<&str> = layers.iter().take(16).map(String::as_str).collect();
+    let more = if layers.len() > 16 { format!(", ... ({} in all)", layers.len()) } else { String::new() };
+    format!("layer(s) [{}{more}]", shown.join(", "))
 }
 
 fn list(names: &[String]) -> String {
@@ -318,8 +379,13 @@ enum Role {
 
 /// Binds every checkpoint tensor to a rule and checks shapes; see the module docs.
 pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, PlanError> {
-    let dims = dims::resolve(&mapping.file.dims, &meta.config)
-        .map_err(|source| PlanError::Dim { mapping: mapping.origin.clone(), source })?;
+    let config_label = crate::text::qp(&meta.config_path);
+    let dims = dims::resolve(&mapping.file.dims, &meta.config).map_err(|source| PlanError::Dim {
+        mapping: mapping.origin.clone(),
+        config: config_label.clone(),
+        source: Box::new(source),
+    })?;
+    let cv = ConfigView { specs: &mapping.file.dims, config: &meta.config, dims: &dims, label: config_label };
     // canonical name -> original name
     let mut canon: BTreeMap<String, String> = BTreeMap::new();
     for name in meta.tensors.keys() {
@@ -369,7 +435,6 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
             return Err(PlanError::DeadRule { mapping: mapping.origin.clone(), rule: rule.label() });
         }
     }
-    check_layer_sets(meta, mapping, &canon)?;
 
     let mut params = Vec::new();
     let mut aliases = Vec::new();
@@ -447,7 +512,7 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
                 aliases.push((a, anchor_name.clone()));
             }
         }
-        let layout = layout_of(rule.split.clone(), &dims, &inputs, &anchor_name)?;
+        let layout = layout_of(rule.split.clone(), &cv, &inputs, &anchor_name)?;
         let targets: Vec<String> = rule.targets.iter().map(|t| t.render(binding)).collect();
         for t in &targets {
             if let Some(prev) = targets_seen.insert(t.clone(), anchor_name.clone()) {
@@ -455,6 +520,11 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
             }
         }
         params.push(Param { rule: *r, targets, layout, inputs, dtype });
+    }
+    // The declared checks, after the rules' own (a missing part, stacking, head rows): what they
+    // add is what config.json implies beyond the splits.
+    for check in &mapping.checks {
+        run_check(check, meta, mapping, &canon, &cv)?;
     }
     params.sort_by(|a, b| natural_cmp(&a.targets[0], &b.targets[0]));
     let mut constants = Vec::new();
@@ -496,59 +566,247 @@ pub fn resolve(meta: &CheckpointMeta, mapping: &Mapping) -> Result<Resolved, Pla
     })
 }
 
-fn check_layer_sets(
+/// config.json as the checks see it: the mapping's dims, their values, and the file's name.
+struct ConfigView<'a> {
+    specs: &'a BTreeMap<String, crate::mapping::DimSpec>,
+    config: &'a serde_json::Value,
+    dims: &'a Dims,
+    /// The quoted path of config.json.
+    label: String,
+}
+
+impl ConfigView<'_> {
+    /// A dim or expression with the config.json keys it comes from:
+    /// `` `encoder_ffn_dim` = 64 (dim `encoder_ffn`) ``, `` `max_positions + 2` = 42 (`max_position_embeddings` = 40) ``.
+    fn explain(&self, expr: &str) -> String {
+        let expr = expr.trim();
+        if let Ok(n) = expr.parse::<u64>() {
+            return n.to_string();
+        }
+        let keys = dims::provenance(expr, self.specs, self.config);
+        let value = dims::eval(expr, self.dims).map(|v| v.to_string()).unwrap_or_else(|e| e);
+        match (self.specs.get(expr), keys.as_slice()) {
+            (Some(s), [k]) if s.expr.is_none() => {
+                let default = if k.defaulted { "; absent from config.json: the default" } else { "" };
+                format!("`{}`{} (dim `{expr}`{default})", k.key, k.value)
+            }
+            (_, []) => format!("`{expr}` = {value}"),
+            _ => format!("`{expr}` = {value} ({})", dims::provenance_text(expr, self.specs, self.config)),
+        }
+    }
+
+    /// Evaluates an expression of check `c`, or the error naming the check and the keys.
+    fn eval(&self, expr: &str, c: &Check, mapping: &Mapping) -> Result<u64, PlanError> {
+        dims::eval(expr, self.dims).map_err(|msg| {
+            let keys = dims::provenance_text(expr, self.specs, self.config);
+            PlanError::CheckExpr {
+                check: format!("checks[{}] of mapping {}", c.index, mapping.origin),
+                expr: expr.to_string(),
+                msg: if keys.is_empty() { msg } else { format!("{msg} ({keys})") },
+                config: self.label.clone(),
+            }
+        })
+    }
+}
+
+/// Which layers a layer check expects.
+enum Expected {
+    /// `0..n`, without those in the set.
+    Range(u64, std::collections::BTreeSet<u64>),
+    /// Exactly these.
+    Set(std::collections::BTreeSet<u64>),
+}
+
+impl Expected {
+    fn contains(&self, v: u64) -> bool {
+        match self {
+            Expected::Range(n, minus) => v < *n && !minus.contains(&v),
+            Expected::Set(s) => s.contains(&v),
+        }
+    }
+
+    /// Up to `k` expected layers `found` lacks, and how many it lacks in all (without walking a
+    /// huge range: every expected value before the k-th missing one is in `found` or the set).
+    fn missing(&self, found: &std::collections::BTreeSet<u64>, k: usize) -> (Vec<u64>, u64) {
+        let hits = found.iter().filter(|v| self.contains(**v)).count() as u64;
+        let (size, first): (u64, Vec<u64>) = match self {
+            Expected::Range(n, minus) => {
+                let size = n - minus.iter().filter(|v| **v < *n).count() as u64;
+                let first = (0..*n).filter(|v| self.contains(*v) && !found.contains(v)).take(k).collect();
+                (size, first)
+            }
+            Expected::Set(s) => (s.len() as u64, s.iter().filter(|v| !found.contains(v)).take(k).copied().collect()),
+        };
+        (first, size - hits)
+    }
+}
+
+/// Runs one declared check against the tensors (canonical name -> name in the file).
+fn run_check(
+    c: &Check,
     meta: &CheckpointMeta,
     mapping: &Mapping,
     canon: &BTreeMap<String, String>,
+    cv: &ConfigView<'_>,
 ) -> Result<(), PlanError> {
-    for c in &mapping.checks {
-        let value = dims::lookup(&meta.config, &c.config).ok_or_else(|| PlanError::Config {
-            key: c.config.clone(),
-            msg: "missing (the mapping checks it against the tensors)".into(),
-        })?;
-        let config_layers: Option<Vec<u64>> = value.as_array().and_then(|a| a.iter().map(|v| v.as_u64()).collect());
-        let Some(mut config_layers) = config_layers else {
-            return Err(PlanError::Config {
-                key: c.config.clone(),
-                msg: format!("expected a list of integers, found {value}"),
-            });
-        };
-        config_layers.sort_unstable();
-        config_layers.dedup();
-        let mut tensor_layers: Vec<u64> = canon
-            .keys()
-            .filter_map(|n| c.pattern.matches(n))
-            .filter_map(|b| b.get(&c.var).and_then(|v| v.parse().ok()))
-            .collect();
-        tensor_layers.sort_unstable();
-        tensor_layers.dedup();
-        if config_layers != tensor_layers {
-            let only_cfg: Vec<u64> = config_layers.iter().filter(|l| !tensor_layers.contains(l)).copied().collect();
-            let only_t: Vec<u64> = tensor_layers.iter().filter(|l| !config_layers.contains(l)).copied().collect();
-            let mut detail = String::new();
-            if !only_cfg.is_empty() {
-                detail += &format!("; layer(s) {only_cfg:?} are listed but have no such tensors");
+    match &c.kind {
+        CheckKind::Shape { shape } => {
+            let mut matched = false;
+            for (cname, orig) in canon {
+                let Some(b) = c.pattern.matches(cname) else { continue };
+                matched = true;
+                let mut expected = Vec::new();
+                let mut texts = Vec::new();
+                for e in shape {
+                    let (v, text) = match e {
+                        ShapeEntry::Size(n) => (*n, n.to_string()),
+                        ShapeEntry::Expr(t) => {
+                            let text = t.render(&b);
+                            (cv.eval(&text, c, mapping)?, text)
+                        }
+                    };
+                    expected.push(v);
+                    texts.push(text);
+                }
+                let found = &meta.tensors[orig].shape;
+                if found.len() == expected.len() && found.iter().zip(&expected).all(|(f, e)| *f as u64 == *e) {
+                    continue;
+                }
+                let detail: Vec<String> = if found.len() == expected.len() {
+                    (0..found.len())
+                        .filter(|&d| found[d] as u64 != expected[d])
+                        .map(|d| format!("dim {d} is {}, not {}", found[d], cv.explain(&texts[d])))
+                        .collect()
+                } else {
+                    texts.iter().filter(|t| t.parse::<u64>().is_err()).map(|t| cv.explain(t)).collect()
+                };
+                return Err(PlanError::ShapeCheck(Box::new(ShapeMismatch {
+                    tensor: orig.clone(),
+                    found: found.clone(),
+                    expected,
+                    detail: detail.join("; "),
+                    check: format!("checks[{}]", c.index),
+                    mapping: mapping.origin.clone(),
+                    config: cv.label.clone(),
+                })));
             }
-            if !only_t.is_empty() {
-                detail += &format!("; layer(s) {only_t:?} have such tensors but are not listed");
+            if !matched {
+                return Err(PlanError::DeadRule { mapping: mapping.origin.clone(), rule: c.label() });
             }
-            return Err(PlanError::LayerSet {
-                key: c.config.clone(),
-                pattern: c.pattern.as_str().to_string(),
-                config_layers,
-                tensor_layers,
-                detail,
-            });
+        }
+        CheckKind::Layers { var, groups, expect } => {
+            // other bindings -> values of the layer variable, as written in the names
+            let mut seen: BTreeMap<Bindings, Vec<String>> = BTreeMap::new();
+            for cname in canon.keys() {
+                if let Some(mut b) = c.pattern.matches(cname) {
+                    let v = b.remove(var).unwrap_or_default();
+                    seen.entry(b).or_default().push(v);
+                }
+            }
+            let list = match expect {
+                LayerExpect::List { config, .. } => Some(layer_list_at(config, meta, cv)?),
+                LayerExpect::Count(_) => None,
+            };
+            for g in groups {
+                let mut found = seen.remove(g).unwrap_or_default();
+                found.sort_by(|a, b| natural_cmp(a, b));
+                found.dedup();
+                let (expected, what, verb) = match (expect, &list) {
+                    (LayerExpect::Count(t), _) => {
+                        let text = t.render(g);
+                        let n = cv.eval(&text, c, mapping)?;
+                        let what = format!("config.json gives {n} layer(s): {}", cv.explain(&text));
+                        (Expected::Range(n, Default::default()), what, "expected")
+                    }
+                    (LayerExpect::List { config, complement: None }, Some(l)) => {
+                        let what = format!("config.json `{config}` lists {l:?}");
+                        (Expected::Set(l.iter().copied().collect()), what, "listed")
+                    }
+                    (LayerExpect::List { config, complement: Some(t) }, Some(l)) => {
+                        let text = t.render(g);
+                        let n = cv.eval(&text, c, mapping)?;
+                        let what = format!(
+                            "config.json gives the layers of 0..{n} ({}) that `{config}` ({l:?}) does not list",
+                            cv.explain(&text)
+                        );
+                        (Expected::Range(n, l.iter().copied().collect()), what, "expected")
+                    }
+                    (LayerExpect::List { .. }, None) => unreachable!("read above"),
+                };
+                // A layer number is one written as Rust writes it (`01` or a 30-digit one is not).
+                let canonical = |v: &str| v.parse::<u64>().ok().filter(|n| n.to_string() == v);
+                let found_n: std::collections::BTreeSet<u64> = found.iter().filter_map(|v| canonical(v)).collect();
+                let extra: Vec<&String> =
+                    found.iter().filter(|v| !canonical(v).is_some_and(|n| expected.contains(n))).collect();
+                let (missing, n_missing) = expected.missing(&found_n, 12);
+                if extra.is_empty() && n_missing == 0 {
+                    continue;
+                }
+                let mut rendered = g.clone();
+                let mut detail = String::new();
+                if let Some(first) = missing.first() {
+                    let more = if n_missing > missing.len() as u64 {
+                        format!(", ... ({n_missing} in all)")
+                    } else {
+                        String::new()
+                    };
+                    let shown: Vec<String> = missing.iter().map(u64::to_string).collect();
+                    rendered.insert(var.clone(), first.to_string());
+                    detail += &format!(
+                        "; layer(s) [{}{more}] are {verb} but have no such tensors (no {})",
+                        shown.join(", "),
+                        q(&c.pattern.render(&rendered))
+                    );
+                }
+                if let Some(first) = extra.first() {
+                    let shown: Vec<&str> = extra.iter().take(12).map(|s| s.as_str()).collect();
+                    let more = if extra.len() > 12 { format!(", ... ({} in all)", extra.len()) } else { String::new() };
+                    rendered.insert(var.clone(), (*first).clone());
+                    let example = canon.get(&c.pattern.render(&rendered)).cloned().unwrap_or_default();
+                    detail += &format!(
+                        "; layer(s) [{}{more}] have such tensors but are not {verb} ({})",
+                        shown.join(", "),
+                        q(&example)
+                    );
+                }
+                let mut group_pattern = g.clone();
+                group_pattern.insert(var.clone(), format!("{{{var}}}"));
+                return Err(PlanError::Layers(Box::new(LayerMismatch {
+                    expected: what,
+                    pattern: c.pattern.render(&group_pattern),
+                    found,
+                    detail,
+                    check: format!("checks[{}]", c.index),
+                    mapping: mapping.origin.clone(),
+                    config: cv.label.clone(),
+                })));
+            }
         }
     }
     Ok(())
+}
+
+/// The list of integers at a config key, sorted and without duplicates.
+fn layer_list_at(key: &str, meta: &CheckpointMeta, cv: &ConfigView<'_>) -> Result<Vec<u64>, PlanError> {
+    let config_err = |msg: String| PlanError::Config { key: key.to_string(), msg, config: cv.label.clone() };
+    let value = dims::lookup(&meta.config, key)
+        .ok_or_else(|| config_err("missing (the mapping checks it against the tensors)".into()))?;
+    let list: Option<Vec<u64>> = value.as_array().and_then(|a| a.iter().map(|v| v.as_u64()).collect());
+    let Some(mut list) = list else {
+        return Err(config_err(format!("expected a list of integers, found {value}")));
+    };
+    list.sort_unstable();
+    list.dedup();
+    Ok(list)
 }
 
 fn dim(dims: &Dims, name: &str) -> usize {
     dims.get(name).map(|&v| v as usize).unwrap_or(0)
 }
 
-fn layout_of(split: SplitSpec, dims: &Dims, inputs: &[Input], anchor: &str) -> Result<Layout, PlanError> {
+fn layout_of(split: SplitSpec, cv: &ConfigView<'_>, inputs: &[Input], anchor: &str) -> Result<Layout, PlanError> {
+    let dims = cv.dims;
+    let at = |what: String| format!("{what}; config {}", cv.label);
     let shape_err = |tensor: &str, msg: String| PlanError::Shape { tensor: tensor.to_string(), msg };
     let name_of = |i: &Input| i.source.clone().unwrap_or_else(|| anchor.to_string());
     let rows = |i: &Input| i.shape.first().copied();
@@ -572,16 +830,21 @@ fn layout_of(split: SplitSpec, dims: &Dims, inputs: &[Input], anchor: &str) -> R
     let heads_check =
         |heads_dim: &str, kv_dim: &str, hd_dim: &Option<String>, q_in: Option<&Input>, kv_in: &[&Input]| {
             let (heads, kv) = (dim(dims, heads_dim), dim(dims, kv_dim));
+            let keys = if heads_dim == kv_dim {
+                cv.explain(heads_dim)
+            } else {
+                format!("{}, {}", cv.explain(heads_dim), cv.explain(kv_dim))
+            };
             if heads == 0 || kv == 0 {
-                return Err(shape_err(
-                    anchor,
-                    format!("dim `{heads_dim}` = {heads}, `{kv_dim}` = {kv}: head counts must be positive"),
-                ));
+                return Err(shape_err(anchor, format!("head counts must be positive ({})", at(keys))));
             }
             if heads % kv != 0 {
                 return Err(shape_err(
                     anchor,
-                    format!("{heads} heads (`{heads_dim}`) are not a multiple of {kv} kv heads (`{kv_dim}`)"),
+                    format!(
+                        "{heads} heads (`{heads_dim}`) are not a multiple of {kv} kv heads (`{kv_dim}`) ({})",
+                        at(keys)
+                    ),
                 ));
             }
             let (basis, basis_heads, basis_dim) = match q_in {
@@ -595,7 +858,7 @@ fn layout_of(split: SplitSpec, dims: &Dims, inputs: &[Input], anchor: &str) -> R
                     if r % basis_heads != 0 || r == 0 {
                         return Err(shape_err(
                             &name_of(basis),
-                            format!("{r} rows do not split into {basis_heads} heads (`{basis_dim}` in config.json)"),
+                            format!("{r} rows do not split into {basis_heads} heads ({})", at(cv.explain(basis_dim))),
                         ));
                     }
                     r / basis_heads
@@ -613,9 +876,20 @@ fn layout_of(split: SplitSpec, dims: &Dims, inputs: &[Input], anchor: &str) -> R
                     return Err(shape_err(
                         &name_of(i),
                         format!(
-                            "has {} rows, but config.json gives {n} heads (`{dname}`) x head_dim {hd} = {} rows",
+                            "has {} rows, but config.json gives {n} heads (`{dname}`) x head_dim {hd} = {} rows ({})",
                             rows(i).unwrap_or(0),
-                            n * hd
+                            n * hd,
+                            at(match hd_dim {
+                                Some(d) => format!("{}, {}", cv.explain(dname), cv.explain(d)),
+                                None if dname == basis_dim => cv.explain(dname),
+                                None => format!(
+                                    "{}; head_dim {hd} = {} rows of {} / {basis_heads} heads, {}",
+                                    cv.explain(dname),
+                                    rows(basis).unwrap_or(0),
+                                    q(&name_of(basis)),
+                                    cv.explain(basis_dim)
+                                ),
+                            })
                         ),
                     ));
                 }
@@ -641,7 +915,7 @@ fn layout_of(split: SplitSpec, dims: &Dims, inputs: &[Input], anchor: &str) -> R
                 if r != dim(dims, &w) {
                     return Err(shape_err(
                         anchor,
-                        format!("has {r} rows, but dim `{w}` from config.json is {}", dim(dims, &w)),
+                        format!("has {r} rows, but config.json implies {}: {}", dim(dims, &w), at(cv.explain(&w))),
                     ));
                 }
             }
@@ -1036,6 +1310,132 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("[2] have such tensors but are not listed"), "{err}");
+    }
+
+    fn checked_mapping(checks: &str) -> Mapping {
+        Mapping::parse(
+            &format!(
+                r#"{{"format_version":1,"family":"t","model_types":["t"],
+                "dims":{{"d":{{"config":"d"}},"encoder_ffn":{{"config":"ffn.enc"}},"decoder_ffn":{{"config":"ffn.dec","default":12}},
+                         "encoder_layers":{{"config":"enc"}},"decoder_layers":{{"config":"dec"}},"rows":{{"expr":"d + 2"}}}},
+                "params":[{{"source":"{{side:encoder|decoder}}.{{i}}.{{t:fc|norm}}","split":{{"kind":"replicated"}}}},
+                          {{"source":"emb","split":{{"kind":"replicated"}}}}],
+                "checks":[{checks}]}}"#
+            ),
+            "t.json",
+        )
+        .unwrap()
+    }
+
+    fn two_sides(enc: usize, dec: usize, ffn: usize) -> Vec<(String, Vec<usize>)> {
+        let mut t = vec![("emb".to_string(), vec![10, 8])];
+        for (side, n) in [("encoder", enc), ("decoder", dec)] {
+            for i in 0..n {
+                t.push((format!("{side}.{i}.fc"), vec![ffn, 8]));
+                t.push((format!("{side}.{i}.norm"), vec![8]));
+            }
+        }
+        t
+    }
+
+    fn meta_of(config: serde_json::Value, t: &[(String, Vec<usize>)]) -> CheckpointMeta {
+        let refs: Vec<(&str, &[usize])> = t.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        meta(config, &refs)
+    }
+
+    #[test]
+    fn shape_checks_name_the_key_the_tensor_and_both_values() {
+        let m = checked_mapping(
+            r#"{"kind":"shape","pattern":"emb","shape":["rows","d"]},
+               {"kind":"shape","pattern":"{side:encoder|decoder}.{i}.fc","shape":["{side}_ffn","d"]},
+               {"kind":"shape","pattern":"{side:encoder|decoder}.{i}.norm","shape":["d"]}"#,
+        );
+        let cfg = |d: u64, enc: u64, dec: Option<u64>| {
+            let mut c = json!({"d": d, "ffn": {"enc": enc}, "enc": 2, "dec": 2});
+            if let Some(v) = dec {
+                c["ffn"]["dec"] = v.into();
+            }
+            c
+        };
+        assert!(resolve(&meta_of(cfg(8, 12, None), &two_sides(2, 2, 12)), &m).is_ok());
+        let err = resolve(&meta_of(cfg(8, 16, None), &two_sides(2, 2, 12)), &m).unwrap_err().to_string();
+        assert!(err.contains("tensor `encoder.0.fc` has shape [12, 8], but config.json implies [16, 8]"), "{err}");
+        assert!(err.contains("dim 0 is 12, not `ffn.enc` = 16 (dim `encoder_ffn`)"), "{err}");
+        assert!(err.contains("checks[1] of mapping t.json; config `/nonexistent/config.json`"), "{err}");
+        // The default is named as such.
+        let err = resolve(&meta_of(cfg(8, 12, None), &two_sides(2, 2, 16)), &m).unwrap_err().to_string();
+        assert!(err.contains("`ffn.dec` = 12 (dim `decoder_ffn`; absent from config.json: the default)"), "{err}");
+        // Expressions name the keys they come from; every wrong dim is listed.
+        let err = resolve(&meta_of(cfg(9, 12, None), &two_sides(2, 2, 12)), &m).unwrap_err().to_string();
+        assert!(err.contains("`emb` has shape [10, 8], but config.json implies [11, 9]"), "{err}");
+        assert!(err.contains("dim 0 is 10, not `rows` = 11 (`d` = 9); dim 1 is 8, not `d` = 9 (dim `d`)"), "{err}");
+        // Another rank: the error says so.
+        let mut t = two_sides(2, 2, 12);
+        t[3].1 = vec![96];
+        let err = resolve(&meta_of(cfg(8, 12, None), &t), &m).unwrap_err().to_string();
+        assert!(err.contains("`encoder.1.fc` has shape [96] (1-d), but config.json implies a 2-d [12, 8]"), "{err}");
+        t[3].1 = vec![12, 8, 1];
+        let err = resolve(&meta_of(cfg(8, 12, None), &t), &m).unwrap_err().to_string();
+        assert!(err.contains("has shape [12, 8, 1] (3-d), but config.json implies a 2-d [12, 8]"), "{err}");
+        // A shape check that matches nothing is a mistake in the mapping.
+        let m2 = checked_mapping(r#"{"kind":"shape","pattern":"embb","shape":[]}"#);
+        let err = resolve(&meta_of(cfg(8, 12, None), &two_sides(1, 1, 12)), &m2).unwrap_err().to_string();
+        assert!(err.contains("checks[0] (embb) matches no tensor"), "{err}");
+        // An expression that cannot be evaluated for this config names the check and the keys.
+        let m3 = checked_mapping(r#"{"kind":"shape","pattern":"emb","shape":["d / 3","d"]}"#);
+        let err = resolve(&meta_of(cfg(8, 12, None), &two_sides(1, 1, 12)), &m3).unwrap_err().to_string();
+        assert!(err.contains("checks[0] of mapping t.json: `d / 3`: 8 / 3 is not exact (`d` = 8)"), "{err}");
+    }
+
+    #[test]
+    fn layer_counts_per_group_more_and_fewer() {
+        let m = checked_mapping(
+            r#"{"kind":"layer_count","pattern":"{side:encoder|decoder}.{i}.{t:fc|norm}","count":"{side}_layers"}"#,
+        );
+        let cfg = |enc: u64, dec: u64| json!({"d": 8, "ffn": {"enc": 12}, "enc": enc, "dec": dec});
+        assert!(resolve(&meta_of(cfg(2, 3), &two_sides(2, 3, 12)), &m).is_ok());
+        let err = resolve(&meta_of(cfg(2, 4), &two_sides(2, 3, 12)), &m).unwrap_err().to_string();
+        assert!(err.contains("config.json gives 4 layer(s): `dec` = 4 (dim `decoder_layers`)"), "{err}");
+        assert!(err.contains("tensors matching `decoder.{i}.fc` exist for layer(s) [0, 1, 2]"), "{err}");
+        assert!(err.contains("layer(s) [3] are expected but have no such tensors (no `decoder.3.fc`)"), "{err}");
+        let err = resolve(&meta_of(cfg(1, 3), &two_sides(2, 3, 12)), &m).unwrap_err().to_string();
+        assert!(err.contains("layer(s) [1] have such tensors but are not expected (`encoder.1.fc`)"), "{err}");
+        // One tensor kind missing in one layer.
+        let mut t = two_sides(2, 3, 12);
+        t.retain(|(n, _)| n != "decoder.1.norm");
+        let err = resolve(&meta_of(cfg(2, 3), &t), &m).unwrap_err().to_string();
+        assert!(err.contains("matching `decoder.{i}.norm` exist for layer(s) [0, 2]"), "{err}");
+        // Numbers not written canonically are not layers; a huge count does not hang.
+        let mut t = two_sides(2, 3, 12);
+        t.push(("encoder.01.fc".into(), vec![12, 8]));
+        t.push(("encoder.01.norm".into(), vec![8]));
+        let err = resolve(&meta_of(cfg(2, 3), &t), &m).unwrap_err().to_string();
+        assert!(err.contains("layer(s) [01] have such tensors but are not expected (`encoder.01.fc`)"), "{err}");
+        let err = resolve(&meta_of(cfg(u64::MAX, 3), &two_sides(2, 3, 12)), &m).unwrap_err().to_string();
+        assert!(
+            err.contains("layer(s) [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, ... (18446744073709551613 in all)]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn layer_set_with_complement() {
+        let m = checked_mapping(
+            r#"{"kind":"layer_set","config":"cross","pattern":"decoder.{i}.fc"},
+               {"kind":"layer_set","config":"cross","complement":"decoder_layers","pattern":"encoder.{i}.fc"}"#,
+        );
+        let cfg = |cross: serde_json::Value| json!({"d": 8, "ffn": {"enc": 12}, "enc": 2, "dec": 4, "cross": cross});
+        // decoder.{0,1} and encoder.{0,1}: with 4 layers, cross [0, 1] leaves [2, 3] for the complement.
+        let err = resolve(&meta_of(cfg(json!([0, 1])), &two_sides(2, 2, 12)), &m).unwrap_err().to_string();
+        assert!(err.contains("config.json gives the layers of 0..4 (`dec` = 4 (dim `decoder_layers`))"), "{err}");
+        assert!(err.contains("layer(s) [2, 3] are expected but have no such tensors"), "{err}");
+        assert!(err.contains("layer(s) [0, 1] have such tensors but are not expected"), "{err}");
+        let mut t = two_sides(0, 2, 12);
+        t.extend([("encoder.2.fc".to_string(), vec![12, 8]), ("encoder.3.fc".to_string(), vec![12, 8])]);
+        t.extend([("encoder.2.norm".to_string(), vec![8]), ("encoder.3.norm".to_string(), vec![8])]);
+        assert!(resolve(&meta_of(cfg(json!([1, 0])), &t), &m).is_ok());
+        let err = resolve(&meta_of(cfg(json!("0,1")), &t), &m).unwrap_err().to_string();
+        assert!(err.contains("`cross`: expected a list of integers, found \"0,1\""), "{err}");
     }
 
     proptest! {

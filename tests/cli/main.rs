@@ -1,5 +1,6 @@
 //! Integration tests: the real `reshard` binary on the committed fixtures, in temp dirs.
 
+mod consistency;
 mod contract;
 mod convert;
 mod crash;
