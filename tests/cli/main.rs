@@ -8,6 +8,8 @@ mod families;
 mod gpu_cli;
 mod hostile;
 mod plan;
+mod races;
+mod signals;
 mod targets;
 mod util;
 mod verify;
