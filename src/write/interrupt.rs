@@ -1,7 +1,7 @@
 //! What a conversion owns on disk while it runs, and taking it back on an error or a signal.
 //!
-//! Every run holds a [`Ticket`] for its [`Claim`]: its `--out`, the parent directories it created,
-//! and the [`Stage`] it is at (staging, previous output moved aside, published). A stage changes
+//! Every run holds a `Ticket` for its `Claim`: its `--out`, the parent directories it created,
+//! and the `Stage` it is at (staging, previous output moved aside, published). A stage changes
 //! under the same lock as the system call that changes the disk, so a claim always says exactly
 //! what exists. Dropping the ticket of a run that did not publish undoes its claim (the error
 //! path): the staging directory is removed, a previous output moved aside is moved back.
@@ -10,7 +10,7 @@
 //! SIGHUP in every thread and starts one thread that waits for them with `sigwait`, so no code
 //! runs in signal context. On a signal that thread takes the lock for good, so no stage changes
 //! after it, undoes every claim, says on stderr what it removed or kept, and exits with 128 + the
-//! signal number. The other threads stop at their next crash point ([`stop_if_interrupted`]) or
+//! signal number. The other threads stop at their next crash point (`stop_if_interrupted`) or
 //! at the lock, so no file is started after the staging directory is gone; files they still hold
 //! open were unlinked with it.
 
@@ -191,7 +191,7 @@ fn interrupted_message(sig: i32, claims: &[Claim]) -> String {
 /// Handles `sig`: takes the claims lock for good, undoes every claim, reports, exits 128 + `sig`.
 fn on_signal(sig: i32) -> ! {
     SIGNAL.store(sig, Ordering::SeqCst);
-    let code = 128 + sig;
+    let code = crate::exit_code::SIGNALLED + sig;
     // Never released: no stage changes after this, and threads that try to change one stop.
     let held = claims();
     let message = std::panic::catch_unwind(|| {

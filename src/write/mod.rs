@@ -190,6 +190,7 @@ pub enum OutState {
 /// A symbolic link at `out` is refused, whatever it points to.
 pub fn check_out(input: &Path, out: &Path, force: bool) -> Result<OutState, WriteError> {
     use std::os::unix::fs::MetadataExt;
+    let out = &without_trailing_slash(out);
     let meta = match fs::symlink_metadata(out) {
         Ok(m) => Some(m),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -221,6 +222,12 @@ pub fn check_out(input: &Path, out: &Path, force: bool) -> Result<OutState, Writ
             }
         }
     }
+}
+
+/// `out` without a trailing `/` or `/.`, which would make the system follow a symbolic link at
+/// `out` instead of seeing it.
+fn without_trailing_slash(out: &Path) -> PathBuf {
+    out.components().collect()
 }
 
 /// Absolute, symlink-resolved form of a path whose last components may not exist yet.
@@ -310,17 +317,17 @@ impl Staged {
 /// `--out` still running is an error ([`WriteError::Busy`]), leftovers of dead runs are removed
 /// (with a note on stderr). On error the staging directory is removed.
 pub fn write_staged(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<Staged, WriteError> {
-    let before = check_out(&ckpt.meta.dir, &opts.out, opts.force)?;
+    let out = without_trailing_slash(&opts.out);
+    let before = check_out(&ckpt.meta.dir, &out, opts.force)?;
     check_aliases(ckpt, plan)?;
-    crash_point_labelled("claiming --out");
-    let ticket = interrupt::Ticket::new(&opts.out);
-    let tmp = staging_dir(&opts.out)?;
-    for r in publish::claim(&ticket, &opts.out, &tmp)? {
+    let ticket = interrupt::Ticket::new(&out);
+    let tmp = staging_dir(&out)?;
+    for r in publish::claim(&ticket, &out, &tmp)? {
         eprintln!("note: removed {}, left by an interrupted run", qp(&r));
     }
     crash_point();
     let summary = write_into(ckpt, plan, &tmp, opts)?;
-    Ok(Staged { ticket, dir: tmp, out: opts.out.clone(), force: opts.force, before, summary })
+    Ok(Staged { ticket, dir: tmp, out, force: opts.force, before, summary })
 }
 
 /// [`write_staged`] then [`Staged::publish`].

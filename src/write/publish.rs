@@ -102,10 +102,11 @@ pub(crate) fn remove_all(path: &Path) -> std::io::Result<()> {
         match fs::remove_dir_all(path) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) if fs::symlink_metadata(path).is_err() => return Ok(()),
             Err(e) => {
                 tries += 1;
-                if tries >= 50 || fs::symlink_metadata(path).is_err() {
-                    return if fs::symlink_metadata(path).is_err() { Ok(()) } else { Err(e) };
+                if tries >= 50 {
+                    return Err(e);
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -151,6 +152,9 @@ pub(crate) fn claim(ticket: &Ticket, out: &Path, tmp: &Path) -> Result<Vec<PathB
     ticket.with(|c| create_parents(parent, &mut c.parents))?;
     let _lock = lock_dir(parent);
     let removed = clean_leftovers(out, ticket)?;
+    // Between the check and the staging directory, under the lock: a second run paused here
+    // (RESHARD_PAUSE_AT) shows that it cannot get in between.
+    crash_point_labelled("claiming --out");
     ticket.with(|c| {
         fs::create_dir(tmp).map_err(io(tmp))?;
         c.stage = Stage::Staging(tmp.to_owned());

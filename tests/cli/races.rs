@@ -108,9 +108,11 @@ fn issue14_an_empty_out_that_changes_during_the_run_is_left_untouched() {
     }
 }
 
-/// Two runs on one `--out`, both paused before they claim it and let go at once: exactly one
-/// exits 0 and says "wrote", the other exits 4 and says why; the output verifies; with and
-/// without `--force` (two forced runs must not both claim the output).
+/// Two runs on one `--out`: the first is paused where it has checked that no other run writes
+/// `--out` and is about to create its staging directory; the second is started then. It must not
+/// get past the same point (it waits for the first's lock, then sees its staging directory); the
+/// old check let both through, and both published and printed "wrote". Exactly one exits 0, the
+/// other exits 4 and says why; the output verifies; with and without `--force`.
 #[test]
 fn issue14_two_runs_on_one_out_exactly_one_wins() {
     let src = fixture("bart-awkward");
@@ -121,31 +123,29 @@ fn issue14_two_runs_on_one_out_exactly_one_wins() {
                 assert!(convert_cmd(&src, &out, 1, &[], &[]).output().unwrap().status.success());
             }
             let extra: &[&str] = if force { &["--force"] } else { &[] };
-            let mut runs: Vec<Running> = (0..2)
-                .map(|_| {
-                    let mut cmd = convert_cmd(&src, &out, 2, extra, &[("RESHARD_RENAME", rename)]);
-                    cmd.env("RESHARD_PAUSE_AT", "1");
-                    Running::spawn(cmd)
-                })
-                .collect();
-            for r in &mut runs {
-                assert!(r.paused().contains("(claiming --out)"));
-            }
-            for r in &mut runs {
-                r.resume();
-            }
-            let results: Vec<Out> = runs.into_iter().map(Running::finish).collect();
-            let winners: Vec<&Out> = results.iter().filter(|r| r.code == 0).collect();
+            let start = || {
+                let mut cmd = convert_cmd(&src, &out, 2, extra, &[("RESHARD_RENAME", rename)]);
+                cmd.env("RESHARD_PAUSE_AT", "1");
+                Running::spawn(cmd)
+            };
+            let mut first = start();
+            assert!(first.paused().contains("(claiming --out)"));
+            let mut second = start();
             let label = format!("{rename} force={force}");
-            assert_eq!(winners.len(), 1, "{label}: {:?}", results.iter().map(|r| &r.stderr).collect::<Vec<_>>());
+            let got_in = second.paused_within(std::time::Duration::from_secs(3));
+            first.resume();
+            second.resume();
+            let results = [first.finish(), second.finish()];
+            let winners: Vec<&Out> = results.iter().filter(|r| r.code == 0).collect();
+            assert_eq!(
+                winners.len(),
+                1,
+                "{label} (second run paused too: {got_in:?}): {:?}",
+                results.iter().map(|r| &r.stderr).collect::<Vec<_>>()
+            );
             assert!(winners[0].stdout.contains("wrote"), "{}", winners[0].stdout);
             let loser = results.iter().find(|r| r.code != 0).unwrap();
-            assert_lost(loser, tmp.path(), "`");
-            assert!(
-                loser.stderr.contains("still running") || loser.stderr.contains("appeared"),
-                "{label}: {}",
-                loser.stderr
-            );
+            assert_lost(loser, tmp.path(), "still running");
             assert_eq!(names_in(tmp.path()), vec!["out"], "{label}");
             assert!(verifies(&src, &out), "{label}");
             assert_eq!(manifest_tp(&out), 2, "{label}");
@@ -184,13 +184,17 @@ fn issue14_out_that_is_a_symlink_is_refused() {
             "full" => fs::write(target.join("mine.txt"), "user data").unwrap(),
             _ => {}
         }
-        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert", &src, &"--tp", &"2", &"--out", &out];
-        for e in extra {
-            args.push(e);
+        // Also spelled with a trailing slash, which would make the system follow the link.
+        for spelling in [out.clone(), PathBuf::from(format!("{}/", out.display()))] {
+            let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert", &src, &"--tp", &"2", &"--out", &spelling];
+            for e in extra {
+                args.push(e);
+            }
+            let r = reshard(&args);
+            assert_eq!(r.code, 4, "{setup}: {}", r.stderr);
+            let named = r.stderr.contains("is a symbolic link") && r.stderr.contains("target`");
+            assert!(named, "{setup} {}: {}", spelling.display(), r.stderr);
         }
-        let r = reshard(&args);
-        assert_eq!(r.code, 4, "{setup}: {}", r.stderr);
-        assert!(r.stderr.contains("is a symbolic link") && r.stderr.contains("target`"), "{setup}: {}", r.stderr);
         assert_eq!(fs::read_link(&out).unwrap(), target);
         let want: Vec<&str> = if setup == "full" { vec!["mine.txt"] } else { vec![] };
         if setup != "dangling" {

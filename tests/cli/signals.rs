@@ -79,7 +79,7 @@ fn issue14_a_signal_before_the_staging_directory_exists() {
     run.signal(libc::SIGINT);
     let r = run.finish();
     assert_eq!(r.code, 130, "{}", r.stderr);
-    assert!(r.stderr.contains("interrupted by SIGINT before anything was written"), "{}", r.stderr);
+    assert!(r.stderr.contains("interrupted by SIGINT: `") && r.stderr.contains("out` was not touched"), "{}", r.stderr);
     assert_eq!(names_in(tmp.path()), Vec::<String>::new());
 }
 

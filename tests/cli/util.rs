@@ -262,15 +262,23 @@ impl Running {
 
     /// Waits (at most two minutes) until the run says it paused; returns that line.
     pub fn paused(&mut self) -> String {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        match self.paused_within(std::time::Duration::from_secs(120)) {
+            Some(line) => line,
+            None => panic!("the run did not pause: {}", self.stderr.lock().unwrap()),
+        }
+    }
+
+    /// The pause line, if the run pauses within `wait`.
+    pub fn paused_within(&mut self, wait: std::time::Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + wait;
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with("reshard: paused at step") => return l,
+                Ok(l) if l.starts_with("reshard: paused at step") => return Some(l),
                 Ok(_) => {}
                 Err(_) => break,
             }
         }
-        panic!("the run did not pause: {}", self.stderr.lock().unwrap());
+        None
     }
 
     /// Lets a paused run go on (closes its stdin).
