@@ -180,10 +180,10 @@ pub struct PlanArgs {
 pub struct ConvertArgs {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// Output directory (must not exist or be empty, unless --force).
+    /// Output directory (must not exist or be empty, unless --force; a symbolic link is refused).
     #[arg(long)]
     pub out: PathBuf,
-    /// Replace a non-empty --out (only after the new output is complete).
+    /// Replace an existing --out directory (in one atomic swap, once the new output is complete).
     #[arg(long)]
     pub force: bool,
     /// No progress bar.

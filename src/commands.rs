@@ -1,6 +1,6 @@
 //! The subcommands: each calls the library and prints its result (bin side).
 
-use crate::cli::{Cli, Command, SourceArgs};
+use crate::cli::{Cli, Command, ConvertArgs, SourceArgs};
 use crate::output;
 use reshard::{exit_code, write::WriteOptions, Error, Source};
 use std::io::{IsTerminal, Write};
@@ -18,34 +18,14 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
             Ok((printed, exit_code::OK))
         }
         Command::Convert(a) => {
-            let s = &a.source;
-            let bar = indicatif::ProgressBar::new(0);
-            if !output::progress_enabled(std::io::stderr().is_terminal(), a.quiet, s.json) {
-                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            // First, before any thread starts: every thread inherits the blocked signals.
+            if let Err(e) = reshard::write::interrupt::install() {
+                eprintln!("warning: SIGINT, SIGTERM and SIGHUP will not remove the staging directory: {e}");
             }
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-                )
-                .expect("static template"),
-            );
-            let opts =
-                WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n), fsync: !a.no_fsync };
-            let (meta, plan) = reshard::make_plan(&source(s), &s.plan_options())?;
-            bar.set_length(plan.output_bytes());
-            let vopts = a.check.options();
-            let src = source(s);
-            let (summary, report) = reshard::execute(meta, &plan, &opts, a.verify.then_some((&src, &vopts)))?;
-            bar.finish_and_clear();
-            let printed = if s.json {
-                output::print_json(
-                    out,
-                    &serde_json::json!({"written": summary, "target": plan.target, "verify": report}),
-                )
-            } else {
-                output::print_written(out, &plan, &summary, report.as_ref())
-            };
-            Ok((printed, exit_code::OK))
+            let result = convert(&a, out);
+            // A signal being handled ends the process with its own code and message.
+            reshard::write::interrupt::wait_if_interrupted();
+            result
         }
         Command::Validate(a) => {
             let job = a.job()?;
@@ -68,4 +48,30 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
             Ok((printed, if report.ok { exit_code::OK } else { exit_code::CHECK_FAILED }))
         }
     }
+}
+
+/// `convert`: writes the shards (with signal handling installed by the caller).
+fn convert(a: &ConvertArgs, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Error> {
+    let s = &a.source;
+    let bar = indicatif::ProgressBar::new(0);
+    if !output::progress_enabled(std::io::stderr().is_terminal(), a.quiet, s.json) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .expect("static template"),
+    );
+    let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n), fsync: !a.no_fsync };
+    let (meta, plan) = reshard::make_plan(&source(s), &s.plan_options())?;
+    bar.set_length(plan.output_bytes());
+    let vopts = a.check.options();
+    let src = source(s);
+    let (summary, report) = reshard::execute(meta, &plan, &opts, a.verify.then_some((&src, &vopts)))?;
+    bar.finish_and_clear();
+    let printed = if s.json {
+        output::print_json(out, &serde_json::json!({"written": summary, "target": plan.target, "verify": report}))
+    } else {
+        output::print_written(out, &plan, &summary, report.as_ref())
+    };
+    Ok((printed, exit_code::OK))
 }

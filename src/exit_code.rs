@@ -16,3 +16,6 @@ pub const GPU_UNAVAILABLE: u8 = 3;
 /// The output could not be written: `--out` exists, is not writable, the disk filled up, or another
 /// I/O error happened while writing. No finished-looking output is left behind.
 pub const OUTPUT_FAILED: u8 = 4;
+/// `convert` was interrupted by SIGHUP, SIGINT or SIGTERM: the exit code is this plus the signal
+/// number (129, 130, 143). What the run wrote was removed, and its message says what is at `--out`.
+pub const SIGNALLED: i32 = 128;

@@ -129,6 +129,7 @@ pub fn execute(
     let staged = write::write_staged(&ckpt, plan, opts)?;
     let report = match verify {
         Some((src, vopts)) => {
+            write::crash_point_labelled("verifying");
             let report = verify::verify(src, staged.path(), vopts)?;
             if !report.ok {
                 return Err(Error::VerifyFailed(Box::new(report)));

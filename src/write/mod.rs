@@ -4,9 +4,13 @@
 //! Entry point: [`write_plan`]. The safetensors header is written by [`header_bytes`] (plain JSON,
 //! as the format allows) and the data is streamed piece by piece from the memory-mapped sources,
 //! so memory use does not grow with the model. Every file gets a CRC-32 in the manifest.
+//! How `--out` is claimed and published without replacing what the run was not asked to replace:
+//! `publish.rs`; what a run owns and its cleanup on errors and signals: [`interrupt`].
 
 mod engine;
+pub mod interrupt;
 pub mod manifest;
+mod publish;
 
 use crate::checkpoint::Checkpoint;
 use crate::plan::{OutTensor, ShardPlan};
@@ -28,20 +32,35 @@ static CRASH_POINTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64
 
 /// Fault injection for the crash-safety tests. With `RESHARD_CRASH_AT=N` in the environment the
 /// process kills itself with SIGKILL at the N-th crash point of a conversion (1-based). Crash
-/// points sit between every step that changes the disk: the staging directory, each file
-/// created, each unit written, each fsync, each copy, the manifest, and each rename.
+/// points sit between every step that changes the disk: claiming `--out`, the staging directory,
+/// each file created, each unit written, each fsync, each copy, the manifest, verifying, and each
+/// step of publishing. With `RESHARD_PAUSE_AT=N` the thread that reaches the N-th point says so on
+/// stderr and waits until stdin is closed (the signal and race tests). A thread that reaches a
+/// crash point while a signal is being handled stops there ([`interrupt`]).
 pub(crate) fn crash_point() {
+    crash_point_labelled("");
+}
+
+/// [`crash_point`] with a name for the step, shown when pausing there.
+pub(crate) fn crash_point_labelled(label: &str) {
     use std::sync::atomic::Ordering;
     use std::sync::OnceLock;
-    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static AT: OnceLock<(Option<u64>, Option<u64>)> = OnceLock::new();
     let n = CRASH_POINTS.fetch_add(1, Ordering::SeqCst) + 1;
-    let at = AT.get_or_init(|| std::env::var("RESHARD_CRASH_AT").ok().and_then(|v| v.parse().ok()));
-    if *at == Some(n) {
+    let var = |name| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let (crash, pause) = AT.get_or_init(|| (var("RESHARD_CRASH_AT"), var("RESHARD_PAUSE_AT")));
+    if *pause == Some(n) {
+        let label = if label.is_empty() { String::new() } else { format!(" ({label})") };
+        let _ = writeln!(std::io::stderr(), "reshard: paused at step {n}{label}; close stdin to go on");
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+    }
+    if *crash == Some(n) {
         // SAFETY: sends a signal to this process; nothing is borrowed.
         unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);
         }
     }
+    interrupt::stop_if_interrupted();
 }
 
 /// The number of crash points passed so far in this process (reported with
@@ -61,6 +80,17 @@ pub enum WriteError {
     OutExists { path: PathBuf },
     #[error("output {} exists and is not a directory", qp(path))]
     OutNotDir { path: PathBuf },
+    #[error(
+        "output {} is a symbolic link (to {}); reshard does not write through links, so that a replaced or removed output can never be somewhere else than --out\n(hint: pass the directory itself as --out)",
+        qp(path),
+        qp(target)
+    )]
+    OutIsSymlink { path: PathBuf, target: PathBuf },
+    #[error(
+        "output {} {what}; it was left untouched and the new output discarded\n(hint: pass --force to replace it, or choose another --out)",
+        qp(path)
+    )]
+    OutChanged { path: PathBuf, what: &'static str },
     #[error("output {} is inside the input checkpoint {}; refusing to write into the input", qp(out), qp(input))]
     OutInsideInput { out: PathBuf, input: PathBuf },
     #[error("output {} contains the input checkpoint {}; --force would delete the input", qp(out), qp(input))]
@@ -139,8 +169,36 @@ pub struct WriteSummary {
     pub bytes: u64,
 }
 
-/// Checks that `out` may be written for input `input` (before any work).
-pub fn check_out(input: &Path, out: &Path, force: bool) -> Result<(), WriteError> {
+/// What was at `--out` when a conversion started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutState {
+    /// Nothing.
+    Absent,
+    /// An empty directory (device and inode): the one thing a run without `--force` may replace,
+    /// and only if it is still that directory and still empty when the output is published.
+    Empty {
+        /// Device number.
+        dev: u64,
+        /// Inode number.
+        ino: u64,
+    },
+    /// A directory with entries (only with `--force`).
+    NonEmpty,
+}
+
+/// Checks that `out` may be written for input `input` (before any work), and says what is there.
+/// A symbolic link at `out` is refused, whatever it points to.
+pub fn check_out(input: &Path, out: &Path, force: bool) -> Result<OutState, WriteError> {
+    use std::os::unix::fs::MetadataExt;
+    let out = &without_trailing_slash(out);
+    let meta = match fs::symlink_metadata(out) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io(out)(e)),
+    };
+    if meta.as_ref().is_some_and(|m| m.file_type().is_symlink()) {
+        return Err(WriteError::OutIsSymlink { path: out.to_owned(), target: fs::read_link(out).map_err(io(out))? });
+    }
     let abs_in = fs::canonicalize(input).map_err(io(input))?;
     let abs_in_dir =
         if abs_in.is_dir() { abs_in.clone() } else { abs_in.parent().map(Path::to_path_buf).unwrap_or_default() };
@@ -151,19 +209,25 @@ pub fn check_out(input: &Path, out: &Path, force: bool) -> Result<(), WriteError
     if abs_in_dir.starts_with(&abs_out) {
         return Err(WriteError::InputInsideOut { out: out.to_owned(), input: input.to_owned() });
     }
-    match fs::symlink_metadata(out) {
-        Ok(m) if !m.is_dir() => Err(WriteError::OutNotDir { path: out.to_owned() }),
-        Ok(_) => {
-            let non_empty = fs::read_dir(out).map_err(io(out))?.next().is_some();
-            if non_empty && !force {
-                Err(WriteError::OutExists { path: out.to_owned() })
+    match meta {
+        None => Ok(OutState::Absent),
+        Some(m) if !m.is_dir() => Err(WriteError::OutNotDir { path: out.to_owned() }),
+        Some(m) => {
+            if fs::read_dir(out).map_err(io(out))?.next().is_none() {
+                Ok(OutState::Empty { dev: m.dev(), ino: m.ino() })
+            } else if force {
+                Ok(OutState::NonEmpty)
             } else {
-                Ok(())
+                Err(WriteError::OutExists { path: out.to_owned() })
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io(out)(e)),
     }
+}
+
+/// `out` without a trailing `/` or `/.`, which would make the system follow a symbolic link at
+/// `out` instead of seeing it.
+fn without_trailing_slash(out: &Path) -> PathBuf {
+    out.components().collect()
 }
 
 /// Absolute, symlink-resolved form of a path whose last components may not exist yet.
@@ -223,9 +287,11 @@ pub fn check_aliases(ckpt: &Checkpoint, plan: &ShardPlan) -> Result<(), WriteErr
 /// A finished output in its staging directory, not yet at `--out`. Dropping it without
 /// [`Staged::publish`] removes the staging directory.
 pub struct Staged {
+    ticket: interrupt::Ticket,
     dir: PathBuf,
     out: PathBuf,
-    published: bool,
+    force: bool,
+    before: OutState,
     /// What was written.
     pub summary: WriteSummary,
 }
@@ -236,74 +302,32 @@ impl Staged {
         &self.dir
     }
 
-    /// Renames the staging directory to `--out` (replacing an old one only now).
-    pub fn publish(mut self) -> Result<WriteSummary, WriteError> {
-        publish(&self.dir, &self.out)?;
-        self.published = true;
-        Ok(std::mem::replace(
-            &mut self.summary,
-            WriteSummary { out: PathBuf::new(), files: vec![], copied: vec![], bytes: 0 },
-        ))
+    /// Moves the staging directory to `--out` without replacing anything the run may not
+    /// replace: a free `--out`, the empty directory that was there at the start, or with
+    /// `--force` an existing directory, swapped in one step. Anything else that appeared at
+    /// `--out` meanwhile is left untouched, and the run fails ([`WriteError::OutChanged`]).
+    pub fn publish(self) -> Result<WriteSummary, WriteError> {
+        publish::publish(&self.ticket, &self.dir, &self.out, self.force, self.before)?;
+        Ok(self.summary)
     }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.published {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// Removes staging and replaced-output directories that interrupted runs left beside `out`
-/// (their process is gone); returns what was removed. A leftover whose process still runs is an
-/// error: two conversions must not write the same `--out`.
-pub fn clean_leftovers(out: &Path) -> Result<Vec<PathBuf>, WriteError> {
-    let abs = std::path::absolute(out).map_err(io(out))?;
-    let (Some(parent), Some(name)) = (abs.parent(), abs.file_name()) else { return Ok(vec![]) };
-    let name = name.to_string_lossy();
-    let Ok(entries) = fs::read_dir(parent) else { return Ok(vec![]) };
-    let mut removed = Vec::new();
-    for e in entries.flatten() {
-        let f = e.file_name().to_string_lossy().into_owned();
-        let pid = [TMP_MARKER, OLD_MARKER]
-            .iter()
-            .find_map(|m| f.strip_prefix(&format!(".{name}{m}")))
-            .and_then(|p| p.parse::<u32>().ok());
-        let Some(pid) = pid else { continue };
-        let path = e.path();
-        if pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(WriteError::Busy { path, pid });
-        }
-        fs::remove_dir_all(&path).map_err(io(&path))?;
-        removed.push(path);
-    }
-    Ok(removed)
 }
 
 /// Writes every file of `plan`, the copied non-weight files and the manifest into a staging
-/// directory beside `opts.out`. On error the staging directory is removed.
+/// directory beside `opts.out`, claimed as described in `publish.rs`: a conversion of the same
+/// `--out` still running is an error ([`WriteError::Busy`]), leftovers of dead runs are removed
+/// (with a note on stderr). On error the staging directory is removed.
 pub fn write_staged(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<Staged, WriteError> {
-    check_out(&ckpt.meta.dir, &opts.out, opts.force)?;
+    let out = without_trailing_slash(&opts.out);
+    let before = check_out(&ckpt.meta.dir, &out, opts.force)?;
     check_aliases(ckpt, plan)?;
-    let removed = clean_leftovers(&opts.out)?;
-    for r in &removed {
-        eprintln!("note: removed {}, left by an interrupted run", qp(r));
+    let ticket = interrupt::Ticket::new(&out);
+    let tmp = staging_dir(&out)?;
+    for r in publish::claim(&ticket, &out, &tmp)? {
+        eprintln!("note: removed {}, left by an interrupted run", qp(&r));
     }
-    let tmp = staging_dir(&opts.out)?;
-    if let Some(parent) = tmp.parent() {
-        fs::create_dir_all(parent).map_err(io(parent))?;
-    }
-    fs::create_dir(&tmp).map_err(io(&tmp))?;
     crash_point();
-    let mut staged = Staged {
-        dir: tmp,
-        out: opts.out.clone(),
-        published: false,
-        summary: WriteSummary { out: opts.out.clone(), files: vec![], copied: vec![], bytes: 0 },
-    };
-    staged.summary = write_into(ckpt, plan, &staged.dir, opts)?;
-    Ok(staged)
+    let summary = write_into(ckpt, plan, &tmp, opts)?;
+    Ok(Staged { ticket, dir: tmp, out, force: opts.force, before, summary })
 }
 
 /// [`write_staged`] then [`Staged::publish`].
@@ -350,32 +374,4 @@ fn write_into(
     crash_point();
     let bytes = files.iter().map(|f| f.size).sum();
     Ok(WriteSummary { out: opts.out.clone(), files, copied, bytes })
-}
-
-/// Moves the finished staging directory to `out`, replacing an existing `out` only after the new
-/// one is complete.
-fn publish(tmp: &Path, out: &Path) -> Result<(), WriteError> {
-    let old = tmp.with_file_name(
-        tmp.file_name().map(|n| n.to_string_lossy().replace(TMP_MARKER, OLD_MARKER)).unwrap_or_default(),
-    );
-    let replacing = out.exists();
-    if replacing {
-        fs::rename(out, &old).map_err(io(out))?;
-        crash_point();
-    }
-    if let Err(e) = fs::rename(tmp, out) {
-        if replacing {
-            let _ = fs::rename(&old, out);
-        }
-        return Err(io(out)(e));
-    }
-    crash_point();
-    if replacing {
-        fs::remove_dir_all(&old).map_err(io(&old))?;
-        crash_point();
-    }
-    if let Some(parent) = std::path::absolute(out).ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
-        let _ = File::open(&parent).and_then(|d| d.sync_all());
-    }
-    Ok(())
 }

@@ -15,8 +15,29 @@ enum Io {
     Buffered,
 }
 
-fn convert(src: &Path, out: &Path, force: bool, crash_at: Option<u64>, mode: Io) -> std::process::Output {
+/// How the output is published (`RESHARD_RENAME`): with `renameat2`, or with the fallback.
+#[derive(Clone, Copy)]
+enum Rename {
+    Atomic,
+    Plain,
+}
+
+fn convert_with(
+    src: &Path,
+    out: &Path,
+    force: bool,
+    crash_at: Option<u64>,
+    mode: Io,
+    rename: Rename,
+) -> std::process::Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_reshard"));
+    c.env(
+        "RESHARD_RENAME",
+        match rename {
+            Rename::Atomic => "atomic",
+            Rename::Plain => "plain",
+        },
+    );
     c.env(
         "RESHARD_WRITE",
         match mode {
@@ -54,6 +75,12 @@ fn leftovers(parent: &Path) -> Vec<String> {
 }
 
 fn crash_everywhere(force: bool, mode: Io) {
+    crash_at_steps(force, mode, Rename::Atomic, None);
+}
+
+/// Crashes a conversion at every step, or at the `last` steps only.
+fn crash_at_steps(force: bool, mode: Io, rename: Rename, last: Option<u64>) {
+    let convert = |src: &Path, out: &Path, force, at, mode| convert_with(src, out, force, at, mode, rename);
     let src = fixture("bart-awkward");
     // On the checkout's disk, where O_DIRECT works (a tmpfs /tmp may refuse it).
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -63,7 +90,7 @@ fn crash_everywhere(force: bool, mode: Io) {
     }
     let total = points(&convert(&src, &out, force, None, mode));
     assert!(total >= 20, "only {total} crash points");
-    for k in 1..=total {
+    for k in last.map_or(1, |n| total + 1 - n)..=total {
         if force {
             // Start each round from a complete previous output.
             let _ = fs::remove_dir_all(&out);
@@ -110,4 +137,12 @@ fn sigkill_at_every_step_of_a_forced_replacement() {
 #[test]
 fn sigkill_at_every_step_of_a_conversion_through_the_page_cache() {
     crash_everywhere(false, Io::Buffered);
+}
+
+/// Issue #14: publishing without `renameat2` (the fallback), fresh and replacing: a crash at each
+/// of its steps also leaves `--out` absent, the old output or the new one.
+#[test]
+fn sigkill_at_every_step_of_publishing_without_renameat2() {
+    crash_at_steps(false, Io::Direct, Rename::Plain, Some(3));
+    crash_at_steps(true, Io::Direct, Rename::Plain, Some(5));
 }

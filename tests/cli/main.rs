@@ -10,6 +10,8 @@ mod families;
 mod gpu_cli;
 mod hostile;
 mod plan;
+mod races;
+mod signals;
 mod special;
 mod targets;
 mod util;

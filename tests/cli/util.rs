@@ -263,3 +263,136 @@ pub fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// A `reshard` run in the background, for the signal and race tests: its stderr is read as it
+/// comes, so a test can wait until the run pauses (`RESHARD_PAUSE_AT=N`: it waits at the N-th
+/// step until its stdin is closed), then act while it is paused.
+pub struct Running {
+    child: Option<std::process::Child>,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Running {
+    /// Starts `cmd` with piped stdin, stdout and stderr.
+    pub fn spawn(mut cmd: Command) -> Running {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (err, all) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                all.lock().unwrap().push_str(&format!("{line}\n"));
+                let _ = tx.send(line);
+            }
+        });
+        Running { stdin: child.stdin.take(), child: Some(child), lines, stderr }
+    }
+
+    /// The run's process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Waits (at most two minutes) until the run says it paused; returns that line.
+    pub fn paused(&mut self) -> String {
+        match self.paused_within(std::time::Duration::from_secs(120)) {
+            Some(line) => line,
+            None => panic!("the run did not pause: {}", self.stderr.lock().unwrap()),
+        }
+    }
+
+    /// The pause line, if the run pauses within `wait`.
+    pub fn paused_within(&mut self, wait: std::time::Duration) -> Option<String> {
+        let deadline = std::time::Instant::now() + wait;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.starts_with("reshard: paused at step") => return Some(l),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        None
+    }
+
+    /// Lets a paused run go on (closes its stdin).
+    pub fn resume(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Sends `sig` to the run.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: a signal to our own child, whose process we have not reaped yet.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// Lets a paused run go on and waits for its end.
+    pub fn run_to_end(mut self) -> Out {
+        self.resume();
+        self.finish()
+    }
+
+    /// Waits for the end of the run (a paused run stays paused until [`Running::resume`] or a
+    /// signal); `code` is -1 when a signal ended it.
+    pub fn finish(mut self) -> Out {
+        let _stdin = self.stdin.take();
+        let o = self.child.take().unwrap().wait_with_output().unwrap();
+        // The reader ends with the process's stderr.
+        while self.lines.recv_timeout(std::time::Duration::from_secs(10)).is_ok() {}
+        let out = Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: self.stderr.lock().unwrap().clone(),
+        };
+        assert!(!out.stderr.contains("panicked"), "reshard panicked: {}", out.stderr);
+        out
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A `reshard convert` command of `src` into `out` at `--tp tp`, with small parts (many steps).
+pub fn convert_cmd(src: &Path, out: &Path, tp: usize, extra: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_reshard"));
+    c.arg("convert").arg(src).args(["--tp", &tp.to_string(), "--max-part-size", "64KiB", "--out"]).arg(out);
+    c.args(extra).envs(env.iter().copied());
+    c
+}
+
+/// The number of steps (crash points) a run of `cmd` passes, which must succeed.
+pub fn count_steps(mut cmd: Command) -> u64 {
+    let o = cmd.env("RESHARD_CRASH_COUNT", "1").output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    e.lines().find_map(|l| l.strip_prefix("crash points: ")).and_then(|n| n.parse().ok()).expect("step count")
+}
+
+/// The names in a directory, sorted.
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// Whether `reshard verify SRC OUT` (bytes only) accepts `out`.
+pub fn verifies(src: &Path, out: &Path) -> bool {
+    reshard(&[&"verify", &src, &out, &"--no-forward"]).code == 0
+}
+
+/// The `tp` recorded in an output's manifest.
+pub fn manifest_tp(out: &Path) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("reshard-manifest.json")).unwrap()).unwrap();
+    v["tp"].as_u64().unwrap()
+}
