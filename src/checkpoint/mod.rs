@@ -6,6 +6,7 @@
 //! `plan` is cheap); [`Checkpoint::open`] memory-maps the files for zero-copy reads. Every offset
 //! and size is checked; see [`header`] for the per-file checks and [`index`] for the routing checks.
 
+pub mod fingerprint;
 pub mod header;
 pub mod index;
 mod mmap;

@@ -3,11 +3,13 @@
 mod contract;
 mod convert;
 mod crash;
+mod dtypes;
 mod errors;
 mod families;
 mod gpu_cli;
 mod hostile;
 mod plan;
+mod source;
 mod targets;
 mod util;
 mod verify;
