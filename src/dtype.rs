@@ -66,10 +66,37 @@ impl Dtype {
         }
     }
 
-    /// Whether this is a floating-point type that reshard can convert to f32 for numeric checks.
+    /// Whether this is a floating-point type that [`to_f32`] decodes for numeric checks: the
+    /// types [`castable`] accepts and the 8-bit floats.
     pub fn is_float(self) -> bool {
-        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+        castable(self) || matches!(self, Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F8_E8M0)
     }
+
+    /// What `convert --dtype` does to a tensor of this dtype.
+    pub fn cast_rule(self) -> CastRule {
+        use Dtype::*;
+        match self {
+            F64 | F32 | F16 | BF16 => CastRule::Cast,
+            BOOL | U8 | I8 | I16 | U16 | I32 | U32 | I64 | U64 => CastRule::Keep,
+            F8_E4M3 | F8_E5M2 => CastRule::Refuse(
+                "8-bit floats are quantized storage whose scale is held by another tensor, so a cast would not give \
+                 the model's weights",
+            ),
+            F8_E8M0 => CastRule::Refuse("F8_E8M0 holds the power-of-two scales of a quantized format, not weights"),
+            C64 => CastRule::Refuse("a complex tensor has no real-valued cast"),
+        }
+    }
+}
+
+/// What `convert --dtype` does to a tensor, by its dtype ([`Dtype::cast_rule`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CastRule {
+    /// F64, F32, F16, BF16: cast, rounding to nearest even.
+    Cast,
+    /// Integers and BOOL (indices, masks, packed quantized data): written as they are.
+    Keep,
+    /// 8-bit floats and C64: `--dtype` is refused, for the reason given.
+    Refuse(&'static str),
 }
 
 impl fmt::Display for Dtype {
@@ -106,16 +133,56 @@ impl FromStr for Dtype {
 }
 
 /// Converts little-endian elements of a float dtype to f32 (for numeric checks, never for output).
+/// Every value of every float type is exact in f32, 8-bit floats included.
 ///
-/// Returns `None` when `dtype` is not a float type.
+/// Returns `None` when `dtype` is not a float type ([`Dtype::is_float`]).
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    if !castable(dtype) {
-        return None;
+    let f8: fn(u8) -> f32 = match dtype {
+        Dtype::F8_E4M3 => f8_e4m3_to_f32,
+        Dtype::F8_E5M2 => f8_e5m2_to_f32,
+        Dtype::F8_E8M0 => f8_e8m0_to_f32,
+        d if castable(d) => {
+            let n = bytes.len() / d.size();
+            let mut w = vec![0f32; n];
+            decode(d, bytes, &mut w, &mut vec![0u16; n]);
+            return Some(w);
+        }
+        _ => return None,
+    };
+    Some(bytes.iter().map(|&b| f8(b)).collect())
+}
+
+/// An F8_E4M3 value (torch's `float8_e4m3fn`: bias 7, no infinities, NaN at `S.1111.111`,
+/// largest 448) as f32, exactly.
+pub fn f8_e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = ((b >> 3) & 0x0f, b & 0x07);
+    if e == 0x0f && m == 0x07 {
+        return f32::NAN.copysign(sign);
     }
-    let n = bytes.len() / dtype.size();
-    let mut w = vec![0f32; n];
-    decode(dtype, bytes, &mut w, &mut vec![0u16; n]);
-    Some(w)
+    // Subnormals (e = 0) are m/8 * 2^-6; normals (1 + m/8) * 2^(e-7). Both exact in f32.
+    let v = if e == 0 {
+        f32::from(m) / 8.0 * 2f32.powi(-6)
+    } else {
+        (1.0 + f32::from(m) / 8.0) * 2f32.powi(i32::from(e) - 7)
+    };
+    sign * v
+}
+
+/// An F8_E5M2 value (torch's `float8_e5m2`: bias 15, IEEE infinities and NaNs) as f32, exactly:
+/// its bits are the upper byte of an IEEE half.
+pub fn f8_e5m2_to_f32(b: u8) -> f32 {
+    half::f16::from_bits(u16::from(b) << 8).to_f32()
+}
+
+/// An F8_E8M0 value (torch's `float8_e8m0fnu`: unsigned exponent only, 2^(e-127), NaN at 0xff)
+/// as f32, exactly (2^-127 is an f32 subnormal).
+pub fn f8_e8m0_to_f32(b: u8) -> f32 {
+    if b == 0xff {
+        f32::NAN
+    } else {
+        f32::from_bits(if b == 0 { 0x0040_0000 } else { u32::from(b) << 23 })
+    }
 }
 
 /// One element of `dtype` holding `value`, little-endian: floats rounded to nearest (even),
@@ -148,22 +215,30 @@ pub fn encode_value(dtype: Dtype, value: f64) -> Result<Vec<u8>, String> {
     })
 }
 
-/// Whether `cast` applies to tensors of `dtype` (float tensors are cast; others are kept).
+/// Whether tensors of `dtype` can be cast (and be a cast's target): F64, F32, F16 and BF16. See
+/// [`Dtype::cast_rule`] for what `--dtype` does to the others.
 pub fn castable(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
 }
 
-/// Appends the little-endian elements of `bytes` (of `src`) converted to `dst` to `out`.
+/// Appends the little-endian elements of `bytes` (of `src`) converted to `dst` to `out`; returns
+/// `false`, appending nothing, when `src` or `dst` is not [`castable`] (and differs from the
+/// other), so that no caller can write bytes of one dtype under the name of another.
 ///
 /// Conversion goes through f32 with round-to-nearest-even (the `half` crate's slice conversions),
-/// so it is deterministic: `verify` recomputes it and compares bytes. `src` and `dst` must be
-/// float types; F64 is narrowed to f32 first. Works block by block on the stack: no allocation
-/// beyond `out`, and the half-precision conversions use the CPU's vector instructions where
-/// `half` finds them.
-pub fn cast_into(src: Dtype, bytes: &[u8], dst: Dtype, out: &mut Vec<u8>) {
-    if src == dst || !castable(src) || !castable(dst) {
+/// so it is deterministic: `verify` recomputes it and compares bytes. F64 is narrowed to f32
+/// first; NaN stays NaN (quiet), infinities stay infinite, and a finite value beyond the target's
+/// range becomes an infinity, as in IEEE arithmetic. Works block by block on the stack: no
+/// allocation beyond `out`, and the half-precision conversions use the CPU's vector instructions
+/// where `half` finds them.
+#[must_use]
+pub fn cast_into(src: Dtype, bytes: &[u8], dst: Dtype, out: &mut Vec<u8>) -> bool {
+    if src == dst {
         out.extend_from_slice(bytes);
-        return;
+        return true;
+    }
+    if !castable(src) || !castable(dst) {
+        return false;
     }
     const BLOCK: usize = 2048;
     let (ssz, dsz) = (src.size(), dst.size());
@@ -177,6 +252,7 @@ pub fn cast_into(src: Dtype, bytes: &[u8], dst: Dtype, out: &mut Vec<u8>) {
         decode(src, i, w, &mut bits[..n]);
         encode(w, dst, o, &mut bits[..n]);
     }
+    true
 }
 
 /// Little-endian `src` elements to f32; `bits` is scratch space of the same length as `w`.
@@ -249,16 +325,16 @@ mod tests {
     fn casts_round_to_nearest_even() {
         let src: Vec<u8> = [1.0f32, 1.0 + 1.0 / 256.0, -2.5e-3, 65504.0].iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = Vec::new();
-        cast_into(Dtype::F32, &src, Dtype::BF16, &mut out);
+        assert!(cast_into(Dtype::F32, &src, Dtype::BF16, &mut out));
         let back = to_f32(Dtype::BF16, &out).unwrap();
         assert_eq!(back[0], 1.0);
         assert_eq!(back[1], 1.0, "1 + 2^-8 is a tie and rounds to even");
         assert!((back[2] + 2.5e-3).abs() < 1e-5);
         let mut h = Vec::new();
-        cast_into(Dtype::F32, &src, Dtype::F16, &mut h);
+        assert!(cast_into(Dtype::F32, &src, Dtype::F16, &mut h));
         assert_eq!(to_f32(Dtype::F16, &h).unwrap()[3], 65504.0);
         let mut w = Vec::new();
-        cast_into(Dtype::BF16, &out, Dtype::F32, &mut w);
+        assert!(cast_into(Dtype::BF16, &out, Dtype::F32, &mut w));
         assert_eq!(to_f32(Dtype::F32, &w).unwrap(), back);
     }
 
@@ -284,7 +360,7 @@ mod tests {
         }
         let src: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = Vec::new();
-        cast_into(Dtype::F32, &src, Dtype::BF16, &mut out);
+        assert!(cast_into(Dtype::F32, &src, Dtype::BF16, &mut out));
         for (v, o) in vals.iter().zip(out.chunks_exact(2)) {
             let want = half::bf16::from_f32(*v).to_bits();
             let got = u16::from_le_bytes([o[0], o[1]]);
@@ -293,6 +369,101 @@ mod tests {
                 "{v:e}: {want:04x} vs {got:04x}"
             );
         }
+    }
+
+    /// Known bit patterns of the OCP FP8 formats (and torch's float8_e8m0fnu), NaN, infinities,
+    /// the largest values and subnormals included.
+    #[test]
+    fn f8_decoders_on_known_bit_patterns() {
+        let e4m3 = [
+            (0x00, 0.0),
+            (0x38, 1.0),
+            (0xb8, -1.0),
+            (0x40, 2.0),
+            (0x3c, 1.5),
+            (0x7e, 448.0),
+            (0xfe, -448.0),
+            (0x08, 2f32.powi(-6)),
+            (0x07, 7.0 * 2f32.powi(-9)),
+            (0x01, 2f32.powi(-9)),
+            (0x81, -(2f32.powi(-9))),
+            (0x77, 240.0),
+        ];
+        for (b, v) in e4m3 {
+            assert_eq!(f8_e4m3_to_f32(b), v, "E4M3 {b:#04x}");
+        }
+        assert!(f8_e4m3_to_f32(0x80).is_sign_negative() && f8_e4m3_to_f32(0x80) == 0.0);
+        assert!(f8_e4m3_to_f32(0x7f).is_nan() && f8_e4m3_to_f32(0xff).is_nan());
+        // E4M3 has no infinities: every other code is finite.
+        assert_eq!((0..=255u8).filter(|&b| !f8_e4m3_to_f32(b).is_finite()).count(), 2);
+        let e5m2 = [
+            (0x00, 0.0),
+            (0x3c, 1.0),
+            (0xbc, -1.0),
+            (0x3e, 1.5),
+            (0x7b, 57344.0),
+            (0x04, 2f32.powi(-14)),
+            (0x01, 2f32.powi(-16)),
+            (0x03, 3.0 * 2f32.powi(-16)),
+            (0x7c, f32::INFINITY),
+            (0xfc, f32::NEG_INFINITY),
+        ];
+        for (b, v) in e5m2 {
+            assert_eq!(f8_e5m2_to_f32(b), v, "E5M2 {b:#04x}");
+        }
+        for b in [0x7d, 0x7e, 0x7f, 0xfd, 0xfe, 0xff] {
+            assert!(f8_e5m2_to_f32(b).is_nan(), "E5M2 {b:#04x}");
+        }
+        for (b, v) in [(0x7f, 1.0), (0x80, 2.0), (0x7e, 0.5), (0x00, 2f32.powi(-127)), (0xfe, 2f32.powi(127))] {
+            assert_eq!(f8_e8m0_to_f32(b), v, "E8M0 {b:#04x}");
+        }
+        assert!(f8_e8m0_to_f32(0xff).is_nan());
+        // to_f32 decodes them; every value is exact (widening to f32 and back to bf16 or f16 is
+        // lossless for the finite E4M3 and E5M2 values).
+        let all: Vec<u8> = (0..=255).collect();
+        let v = to_f32(Dtype::F8_E4M3, &all).unwrap();
+        assert_eq!(v[0x38], 1.0);
+        for (b, x) in v.iter().enumerate().filter(|(_, x)| x.is_finite()) {
+            assert_eq!(half::bf16::from_f32(*x).to_f32(), *x, "E4M3 {b:#04x}");
+        }
+        for (b, x) in to_f32(Dtype::F8_E5M2, &all).unwrap().iter().enumerate().filter(|(_, x)| x.is_finite()) {
+            assert_eq!(half::f16::from_f32(*x).to_f32(), *x, "E5M2 {b:#04x}");
+        }
+        assert_eq!(to_f32(Dtype::F8_E8M0, &[0x7f]), Some(vec![1.0]));
+        assert_eq!(to_f32(Dtype::C64, &[0; 8]), None);
+    }
+
+    #[test]
+    fn cast_rules_and_refused_casts() {
+        use CastRule::*;
+        for d in [Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16] {
+            assert_eq!(d.cast_rule(), Cast);
+            assert!(d.is_float());
+        }
+        for d in
+            [Dtype::BOOL, Dtype::U8, Dtype::I8, Dtype::I16, Dtype::U16, Dtype::I32, Dtype::U32, Dtype::I64, Dtype::U64]
+        {
+            assert_eq!(d.cast_rule(), Keep);
+            assert!(!d.is_float());
+        }
+        for d in [Dtype::F8_E4M3, Dtype::F8_E5M2, Dtype::F8_E8M0, Dtype::C64] {
+            assert!(matches!(d.cast_rule(), Refuse(_)), "{d}");
+        }
+        // cast_into never writes one dtype's bytes as another's.
+        let mut out = vec![];
+        assert!(!cast_into(Dtype::F8_E4M3, &[0x38], Dtype::BF16, &mut out));
+        assert!(!cast_into(Dtype::F32, &[0; 4], Dtype::I32, &mut out));
+        assert!(out.is_empty());
+        assert!(cast_into(Dtype::I8, &[7], Dtype::I8, &mut out));
+        assert_eq!(out, [7]);
+        // Out-of-range values become infinities, NaN stays NaN.
+        let src: Vec<u8> = [70000f32, f32::NAN, f32::NEG_INFINITY].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut h = vec![];
+        assert!(cast_into(Dtype::F32, &src, Dtype::F16, &mut h));
+        let back = to_f32(Dtype::F16, &h).unwrap();
+        assert_eq!(back[0], f32::INFINITY);
+        assert!(back[1].is_nan());
+        assert_eq!(back[2], f32::NEG_INFINITY);
     }
 
     #[test]
@@ -347,7 +518,7 @@ mod tests {
                 let n = 5001;
                 let input = &bytes[..n * src.size()];
                 let mut out = vec![0xAA]; // appends after what is there
-                cast_into(src, input, dst, &mut out);
+                assert!(cast_into(src, input, dst, &mut out));
                 assert_eq!(out.len(), 1 + n * dst.size(), "{src:?} -> {dst:?}");
                 for (i, (c, o)) in input.chunks_exact(src.size()).zip(out[1..].chunks_exact(dst.size())).enumerate() {
                     let v = wide(src, c);

@@ -117,7 +117,29 @@ pub fn print_verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
         r.files_checked,
         bytes(r.bytes_compared)
     )?;
-    writeln!(w, "manifest: {}", if r.manifest_checked { "sizes and crc32 checked" } else { "none found" })?;
+    if !r.dtypes.is_empty() {
+        let pairs: Vec<String> = r
+            .dtypes
+            .iter()
+            .map(|d| match d.source {
+                None => format!("{} constants ({})", d.output, d.tensors),
+                Some(s) if s == d.output => format!("{s} as is ({})", d.tensors),
+                Some(s) => format!("{s} cast to {} ({}, the cast recomputed)", d.output, d.tensors),
+            })
+            .collect();
+        writeln!(w, "dtypes (rank 0 tensors, compared bit for bit): {}", pairs.join(", "))?;
+    }
+    let manifest = if r.manifest_checked {
+        "sizes and crc32 checked"
+    } else if r.findings.iter().any(|f| f.kind == reshard::verify::FindingKind::Source) {
+        "not checked: the source differs"
+    } else {
+        "none found"
+    };
+    writeln!(w, "manifest: {manifest}")?;
+    if r.source_checked {
+        writeln!(w, "source: the manifest's fingerprint of the source matches")?;
+    }
     if !r.forward.is_empty() {
         writeln!(
             w,
@@ -125,13 +147,25 @@ pub fn print_verify(w: &mut impl Write, r: &VerifyReport) -> io::Result<()> {
             r.forward[0].tolerance
         )?;
         for l in &r.forward {
+            let dtypes = if l.source_dtype == l.shard_dtype {
+                l.source_dtype.to_string()
+            } else {
+                format!("{}->{}", l.source_dtype, l.shard_dtype)
+            };
+            if let Some(why) = &l.skipped {
+                writeln!(w, "  layer {:<3} {:<48} {dtypes:<11} skipped: {why}", l.layer, l.module)?;
+                continue;
+            }
             let status = if l.passed { "ok" } else { "FAILED" };
             writeln!(
                 w,
-                "  layer {:<3} {:<48} max abs {:.3e}  max rel {:.3e}  {status}",
+                "  layer {:<3} {:<48} {dtypes:<11} max abs {:.3e}  max rel {:.3e}  {status}",
                 l.layer, l.module, l.max_abs_err, l.max_rel_err
             )?;
         }
+    }
+    for n in &r.notes {
+        writeln!(w, "note: {n}")?;
     }
     if r.ok {
         writeln!(w, "OK: every byte is where the layout puts it")

@@ -10,6 +10,7 @@
 //! ([`discover`]).
 
 pub mod discover;
+pub mod fingerprint;
 pub mod header;
 pub mod index;
 mod mmap;

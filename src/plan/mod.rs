@@ -9,7 +9,7 @@
 pub mod split;
 
 use crate::checkpoint::CheckpointMeta;
-use crate::dtype::Dtype;
+use crate::dtype::{CastRule, Dtype};
 use crate::mapping::dims::{self, DimError, Dims};
 use crate::mapping::engine::{self, EngineTarget};
 use crate::mapping::pattern::Bindings;
@@ -58,6 +58,8 @@ pub enum PlanError {
     BadTp { tp: usize, reason: String, valid: Vec<usize> },
     #[error("--max-part-size must be at least 1 byte")]
     ZeroPartSize,
+    #[error("--dtype {}: tensor {} is {dtype}, which --dtype does not cast: {reason}{}\n(hint: convert without --dtype to keep every tensor's dtype as it is)", to.name().to_lowercase(), q(tensor), if *more > 0 { format!(" ({more} more tensor(s) of dtypes --dtype does not cast)") } else { String::new() })]
+    Cast { tensor: String, dtype: Dtype, to: Dtype, reason: String, more: usize },
     #[error("--target: {msg} in mapping {mapping}\n(hint: {hint})")]
     Target { mapping: String, msg: String, hint: String },
 }
@@ -982,6 +984,20 @@ impl Resolved {
         (1..=max).filter(|&tp| self.check_tp(tp).is_ok()).collect()
     }
 
+    /// Whether `--dtype to` applies to every parameter: each is cast or kept
+    /// ([`Dtype::cast_rule`]); the first (in name order) that would be refused is the error.
+    pub fn check_cast(&self, to: Dtype) -> Result<(), PlanError> {
+        let mut refused = self.params.iter().filter_map(|p| match p.dtype.cast_rule() {
+            CastRule::Refuse(reason) => Some((p, reason)),
+            _ => None,
+        });
+        let Some((p, reason)) = refused.next() else { return Ok(()) };
+        let sources = |p: &Param| p.inputs.iter().filter(|i| i.source.is_some()).count();
+        let tensor = p.inputs.iter().find_map(|i| i.source.clone()).unwrap_or_else(|| p.targets[0].clone());
+        let more = sources(p).saturating_sub(1) + refused.map(|(p, _)| sources(p)).sum::<usize>();
+        Err(PlanError::Cast { tensor, dtype: p.dtype, to, reason: reason.to_string(), more })
+    }
+
     /// Expands every parameter for every rank and assigns tensors to parts.
     pub fn plan(&self, opts: &PlanOptions) -> Result<ShardPlan, PlanError> {
         let PlanOptions { tp, max_part_size, dtype: cast, ref target } = *opts;
@@ -992,13 +1008,17 @@ impl Resolved {
         if let Err(reason) = self.check_tp(tp) {
             return Err(PlanError::BadTp { tp, reason, valid: self.valid_tps(512) });
         }
+        if let Some(to) = cast {
+            self.check_cast(to)?;
+        }
         let mut files = Vec::new();
         for rank in 0..tp {
             let mut tensors: Vec<OutTensor> = Vec::new();
             for p in &self.params {
                 let (shape, pieces) = expand(p, tp, rank);
+                // check_cast refused every dtype that is neither cast nor kept.
                 let dtype = match cast {
-                    Some(c) if crate::dtype::castable(p.dtype) => c,
+                    Some(c) if p.dtype.cast_rule() == CastRule::Cast => c,
                     _ => p.dtype,
                 };
                 let nbytes = shape.iter().product::<usize>() as u64 * dtype.size() as u64;

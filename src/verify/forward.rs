@@ -6,6 +6,13 @@
 //! S without a mask, out = context Wo^T + bo. The sharded form runs the same per rank on the rank's
 //! q heads and kv heads, sums the partial out_proj products as an all-reduce would, and adds bo
 //! once. Weights are read a row at a time from the memory maps, so memory stays O(d).
+//!
+//! Weights of every float type are read as their exact f32 values (8-bit floats as stored: a
+//! quantization scale held by another tensor is not applied, which leaves the comparison of the
+//! two paths intact). A layer with a weight of another type (an integer) is skipped, with the
+//! reason, its bytes having been compared. A NaN or infinity in either path's output fails the
+//! layer (comparisons with NaN are false, so they are counted, not compared), and the weights
+//! holding non-finite values are named.
 
 use super::{VerifyError, VerifyOptions};
 use crate::checkpoint::Checkpoint;
@@ -37,14 +44,53 @@ pub struct LayerCheck {
     pub layer: usize,
     /// Source module name (`model.decoder.layers.1.encoder_attn`).
     pub module: String,
-    /// Max |sharded - unsplit|.
+    /// Dtype of the source's q weight, as read.
+    pub source_dtype: Dtype,
+    /// Dtype of the shards' q weight, as read.
+    pub shard_dtype: Dtype,
+    /// Max |sharded - unsplit| (NaN, `null` in JSON, when an output is not finite).
     pub max_abs_err: f64,
     /// `max_abs_err / max |unsplit|`.
     pub max_rel_err: f64,
     /// Tolerance on `max_rel_err`.
     pub tolerance: f64,
-    /// Whether the layer passed.
+    /// Output values that are NaN or infinite, computed from the source weights.
+    pub non_finite_reference: usize,
+    /// Output values that are NaN or infinite, computed from the shards.
+    pub non_finite_shards: usize,
+    /// When an output is not finite: the layer's weights that hold NaN or infinite values, each
+    /// with the count and the first.
+    pub non_finite_weights: Vec<String>,
+    /// Why the layer was not computed (`null`: it was).
+    pub skipped: Option<String>,
+    /// Whether the layer passed: finite outputs within the tolerance, or skipped.
     pub passed: bool,
+}
+
+impl LayerCheck {
+    /// What is wrong, for a finding; `None` when the layer passed.
+    pub fn problem(&self) -> Option<String> {
+        if self.passed {
+            return None;
+        }
+        let weights = if self.non_finite_weights.is_empty() {
+            String::new()
+        } else {
+            format!("non-finite weights: {}", self.non_finite_weights.join(", "))
+        };
+        if self.non_finite_reference + self.non_finite_shards > 0 {
+            return Some(format!(
+                "cross-attention output is not finite: {} value(s) computed from the source and {} from the shards are NaN or infinite{}{weights}",
+                self.non_finite_reference,
+                self.non_finite_shards,
+                if weights.is_empty() { "" } else { "; " }
+            ));
+        }
+        Some(format!(
+            "cross-attention output of the shards differs from the source's by {:.3e} (relative {:.3e} > {:.0e})",
+            self.max_abs_err, self.max_rel_err, self.tolerance
+        ))
+    }
 }
 
 /// A row-major matrix viewed in place.
@@ -137,8 +183,9 @@ fn mat<'a>(c: &'a Checkpoint, mapping: Option<&Mapping>, name: &str) -> Result<M
     let (bytes, dtype, shape) =
         get(c, mapping, name).ok_or_else(|| forward_err(format!("tensor {} not found", q(name))))?;
     if shape.len() != 2 || !dtype.is_float() {
+        let want = if dtype.is_float() { "a 2-d matrix" } else { "a float type" };
         return Err(forward_err(format!(
-            "tensor {} is {dtype} {}, expected a 2-d float matrix",
+            "tensor {} is {dtype} {}, expected {want}",
             q(name),
             crate::text::shape(shape)
         )));
@@ -406,17 +453,74 @@ pub fn random_act(n: usize, d: usize, seed: u64) -> Act {
         .collect()
 }
 
-/// Max absolute difference and max |reference|.
+/// Max absolute difference and max |reference|; the difference is NaN when a value of either side
+/// is NaN or infinite, so that no tolerance accepts it (`f64::max` would drop a NaN).
 pub fn max_err(reference: &Act, other: &Act) -> (f64, f64) {
     let mut abs: f64 = 0.0;
     let mut mag: f64 = 0.0;
     for (a, b) in reference.iter().zip(other) {
         for (x, y) in a.iter().zip(b) {
-            abs = abs.max((x - y).abs());
-            mag = mag.max(x.abs());
+            if !x.is_finite() || !y.is_finite() {
+                abs = f64::NAN;
+            } else if !abs.is_nan() {
+                abs = abs.max((x - y).abs());
+            }
+            if x.is_finite() {
+                mag = mag.max(x.abs());
+            }
         }
     }
     (abs, mag)
+}
+
+/// How many values of `a` are NaN or infinite.
+pub fn count_non_finite(a: &Act) -> usize {
+    a.iter().flatten().filter(|v| !v.is_finite()).count()
+}
+
+/// The source tensor names of one layer's attention, as rendered.
+fn all_names(n: &AttnNames) -> Vec<&String> {
+    [&n.q_bias, &n.k, &n.k_bias, &n.v, &n.v_bias, &n.kv, &n.kv_bias, &n.o_bias, &n.q_norm, &n.k_norm]
+        .into_iter()
+        .flatten()
+        .chain([&n.q, &n.o])
+        .collect()
+}
+
+/// The first of `names` (present in `c`) that is not of a float type, described.
+fn non_float(c: &Checkpoint, mapping: Option<&Mapping>, names: &[&String]) -> Option<String> {
+    names.iter().find_map(|n| {
+        let (_, dtype, _) = get(c, mapping, n)?;
+        (!dtype.is_float()).then(|| format!("{} is {dtype}, not a float type", q(n)))
+    })
+}
+
+/// `"`name`: 3 of 1024 elements (first [0, 5] = NaN)"` for each of `names` (present in `c`) that
+/// holds NaN or infinite values; read in blocks, so memory stays bounded.
+fn non_finite_weights(c: &Checkpoint, mapping: Option<&Mapping>, names: &[&String], prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in names {
+        let Some((bytes, dtype, shape)) = get(c, mapping, n) else { continue };
+        let elem = dtype.size();
+        let (mut count, mut first) = (0usize, None);
+        for (k, block) in bytes.chunks(4096 * elem).enumerate() {
+            for (i, v) in dtype::to_f32(dtype, block).unwrap_or_default().iter().enumerate() {
+                if !v.is_finite() {
+                    count += 1;
+                    first.get_or_insert((k * 4096 + i, *v));
+                }
+            }
+        }
+        if let Some((i, v)) = first {
+            out.push(format!(
+                "{prefix}{}: {count} of {} elements (first {} = {v})",
+                q(n),
+                bytes.len() / elem.max(1),
+                crate::text::shape(&super::unravel(i, shape))
+            ));
+        }
+    }
+    out
 }
 
 /// The layer indices of the family's cross-attention, from the source tensor names.
@@ -461,23 +565,90 @@ pub fn check_all(
     let spec = mapping.file.cross_attention.as_ref().expect("caller checked");
     let mut out = Vec::new();
     for layer in layers(src, mapping) {
+        let module = spec.source.q.rsplit_once('.').map(|(m, _)| m).unwrap_or(&spec.source.q);
+        let module = module.rsplit_once('.').map(|(m, _)| m).unwrap_or(module);
+        let (src_attn, shard_attn) = (names(&spec.source, layer), names(&spec.shards, layer));
+        let (src_names, shard_names) = (all_names(&src_attn), all_names(&shard_attn));
+        let dtype_of = |c: &Checkpoint, m: Option<&Mapping>, n: &AttnNames| {
+            get(c, m, &n.q).map(|(_, d, _)| d).ok_or_else(|| forward_err(format!("tensor {} not found", q(&n.q))))
+        };
+        let mut check = LayerCheck {
+            layer,
+            module: render(module, layer),
+            source_dtype: dtype_of(src, Some(mapping), &src_attn)?,
+            shard_dtype: match ranks.first() {
+                Some(c) => dtype_of(c, None, &shard_attn)?,
+                None => return Err(forward_err("no ranks".into())),
+            },
+            max_abs_err: 0.0,
+            max_rel_err: 0.0,
+            tolerance,
+            non_finite_reference: 0,
+            non_finite_shards: 0,
+            non_finite_weights: vec![],
+            skipped: None,
+            passed: true,
+        };
+        let skip = non_float(src, Some(mapping), &src_names).or_else(|| {
+            ranks
+                .iter()
+                .enumerate()
+                .find_map(|(r, c)| non_float(c, None, &shard_names).map(|m| format!("rank {r}: {m}")))
+        });
+        if let Some(why) = skip {
+            check.skipped =
+                Some(format!("{why}; the forward check computes float weights only (its bytes were compared)"));
+            out.push(check);
+            continue;
+        }
         let enc_dim = mat(src, Some(mapping), &render(spec.source.k.as_deref().unwrap_or_default(), layer))?.cols;
         let x = random_act(opts.tokens, s.hidden, opts.seed ^ (layer as u64) << 32);
         let e = random_act(opts.source_tokens, enc_dim, opts.seed ^ (layer as u64) << 32 ^ 1);
         let reference = forward_source(src, mapping, layer, s, &x, &e)?;
         let sharded = forward_shards(ranks, mapping, layer, s, &x, &e)?;
         let (abs, mag) = max_err(&reference, &sharded);
-        let rel = if mag > 0.0 { abs / mag } else { abs };
-        let module = spec.source.q.rsplit_once('.').map(|(m, _)| m).unwrap_or(&spec.source.q);
-        let module = module.rsplit_once('.').map(|(m, _)| m).unwrap_or(module);
-        out.push(LayerCheck {
-            layer,
-            module: render(module, layer),
-            max_abs_err: abs,
-            max_rel_err: rel,
-            tolerance,
-            passed: rel <= tolerance,
-        });
+        check.max_abs_err = abs;
+        check.max_rel_err = if mag > 0.0 { abs / mag } else { abs };
+        check.non_finite_reference = count_non_finite(&reference);
+        check.non_finite_shards = count_non_finite(&sharded);
+        // A NaN or infinite weight makes outputs non-finite (the random inputs are never zero, and
+        // softmax weights are positive), so the weights are scanned only then: on BART-large the
+        // scan added a tenth to verify's time.
+        if check.non_finite_reference + check.non_finite_shards > 0 {
+            check.non_finite_weights = non_finite_weights(src, Some(mapping), &src_names, "");
+            for (r, c) in ranks.iter().enumerate() {
+                check.non_finite_weights.extend(non_finite_weights(c, None, &shard_names, &format!("rank {r} ")));
+            }
+        }
+        // `<=` is false for NaN, so a non-finite output fails here too; counted to say so.
+        check.passed =
+            check.non_finite_reference == 0 && check.non_finite_shards == 0 && check.max_rel_err <= tolerance;
+        out.push(check);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_err_does_not_drop_nan_or_inf() {
+        let a: Act = vec![vec![1.0, 2.0], vec![3.0, -4.0]];
+        assert_eq!(max_err(&a, &a), (0.0, 4.0));
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut b = a.clone();
+            b[1][0] = bad;
+            let (abs, mag) = max_err(&a, &b);
+            assert!(abs.is_nan(), "{bad}: {abs}");
+            assert_eq!((abs / mag).partial_cmp(&TOLERANCE), None, "no tolerance accepts it");
+            assert!(max_err(&b, &a).0.is_nan(), "on the reference side too");
+            assert_eq!(count_non_finite(&b), 1);
+        }
+        // A NaN after a large difference still wins.
+        let mut b = a.clone();
+        b[0][0] = 100.0;
+        b[1][1] = f64::NAN;
+        assert!(max_err(&a, &b).0.is_nan());
+    }
 }

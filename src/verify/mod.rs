@@ -10,7 +10,7 @@
 
 pub mod forward;
 
-use crate::checkpoint::{self, Checkpoint, CheckpointMeta, SourceFile, TensorInfo};
+use crate::checkpoint::{self, fingerprint, Checkpoint, CheckpointMeta, SourceFile, TensorInfo};
 use crate::dtype::{self, Dtype};
 use crate::mapping::Mapping;
 use crate::plan::{self, split::byte_runs, OutTensor, Piece, Resolved, ShardPlan};
@@ -63,8 +63,11 @@ pub enum FindingKind {
     Alias,
     /// A source element no rank receives.
     Coverage,
-    /// The numeric forward check exceeded its tolerance.
+    /// The numeric forward check exceeded its tolerance, or met NaN or infinite values.
     Forward,
+    /// The output was made from another checkpoint: the manifest's source fingerprint does not
+    /// match the source given (reported alone; nothing else is compared).
+    Source,
 }
 
 /// One problem found.
@@ -140,10 +143,43 @@ pub struct VerifyReport {
     pub bytes_compared: u64,
     /// Whether a manifest was found and checked.
     pub manifest_checked: bool,
+    /// Whether the manifest's source fingerprint was checked against the source (and matched).
+    pub source_checked: bool,
+    /// Per (source dtype, output dtype): how many of rank 0's tensors the byte comparison checked.
+    pub dtypes: Vec<DtypeCount>,
+    /// What was not checked, and why.
+    pub notes: Vec<String>,
     /// Cross-attention forward results, one per layer.
     pub forward: Vec<forward::LayerCheck>,
     /// Every problem found.
     pub findings: Vec<Finding>,
+}
+
+/// Output tensors of one (source dtype, output dtype) pair.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DtypeCount {
+    /// Dtype of the source tensors (`null`: constants of the mapping, and synthesized zeros).
+    pub source: Option<Dtype>,
+    /// Dtype written.
+    pub output: Dtype,
+    /// Tensors of rank 0.
+    pub tensors: usize,
+}
+
+/// The dtype pairs of rank 0's tensors in `plan`, in order of first appearance.
+fn dtype_counts(meta: &CheckpointMeta, plan: &ShardPlan) -> Vec<DtypeCount> {
+    let mut out: Vec<DtypeCount> = Vec::new();
+    for t in plan.files.iter().filter(|f| f.rank == 0).flat_map(|f| &f.tensors) {
+        let source = t.pieces.iter().find_map(|p| match p {
+            Piece::Copy { source, .. } => meta.tensors.get(source).map(|i| i.dtype),
+            _ => None,
+        });
+        match out.iter_mut().find(|c| c.source == source && c.output == t.dtype) {
+            Some(c) => c.tensors += 1,
+            None => out.push(DtypeCount { source, output: t.dtype, tensors: 1 }),
+        }
+    }
+    out
 }
 
 fn finding(kind: FindingKind, rank: Option<usize>, tensor: Option<&str>, message: String) -> Finding {
@@ -181,7 +217,8 @@ fn scan_out(out: &Path) -> Result<(RankFiles, Vec<String>), VerifyError> {
 /// Verifies `out` against the checkpoint and mapping of `src`.
 pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
     let (meta, mapping) = src.load()?;
-    let resolved = plan::resolve(&meta, &mapping)?;
+    let ckpt = Checkpoint::open(meta)?;
+    let resolved = plan::resolve(&ckpt.meta, &mapping)?;
     let (ranks, strays) = scan_out(out)?;
     if ranks.is_empty() {
         return Err(VerifyError::NoShards { dir: out.to_owned() }.into());
@@ -203,6 +240,41 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
     };
     let max_rank = *ranks.keys().last().expect("non-empty");
     let tp = manifest.as_ref().map(|m| m.tp).unwrap_or(max_rank + 1);
+    let mut notes = Vec::new();
+    // The source first: an output made from another checkpoint is one finding, not a mismatch in
+    // every tensor.
+    let mut source_checked = false;
+    if let Some(m) = &manifest {
+        match &m.source_fingerprint {
+            None => notes.push(format!(
+                "{MANIFEST_NAME} records no source fingerprint (an older reshard wrote it), so the source was not \
+                 checked first; the byte comparison still compares every tensor with the source"
+            )),
+            Some(recorded) => match fingerprint::compare(recorded, &fingerprint::fingerprint(&ckpt)) {
+                fingerprint::Comparison::Same => source_checked = true,
+                fingerprint::Comparison::UnknownScheme(scheme) => notes.push(format!(
+                    "{MANIFEST_NAME} records a source fingerprint of scheme {}, which this reshard does not know: not checked",
+                    q(&scheme)
+                )),
+                fingerprint::Comparison::Differs(what) => {
+                    let f = finding(
+                        FindingKind::Source,
+                        None,
+                        None,
+                        format!(
+                            "{} was made from a different source than {}: {what}",
+                            crate::text::qp(out),
+                            crate::text::qp(&src.input)
+                        ),
+                    );
+                    let target = m.target.as_ref().map(|t| t.name.clone());
+                    let mut r = report(&resolved, target, tp, vec![f], 0, 0, 0, false, vec![]);
+                    r.notes = vec!["nothing else was compared: the output was not made from this source".into()];
+                    return Ok(r);
+                }
+            },
+        }
+    }
     for s in strays {
         findings.push(Finding {
             file: Some(s.clone()),
@@ -241,16 +313,21 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
     let plan = match resolved.plan(&plan::PlanOptions { dtype, target, ..plan::PlanOptions::new(tp) }) {
         Ok(p) => p,
         Err(e) => {
-            findings.push(finding(
-                FindingKind::Shape,
-                None,
-                None,
-                format!("the output's tp {tp} is not valid for the source: {e}"),
-            ));
-            return Ok(report(&resolved, None, tp, findings, 0, 0, 0, manifest.is_some(), vec![]));
+            let (kind, what) = match (&e, dtype) {
+                // Only a manifest names a cast that the source refuses (infer_cast never does):
+                // an output of a reshard that kept such tensors under --dtype.
+                (plan::PlanError::Cast { .. }, Some(d)) => {
+                    (FindingKind::Manifest, format!("{MANIFEST_NAME} says the output was cast to {d}, but"))
+                }
+                _ => (FindingKind::Shape, format!("the output's tp {tp} is not valid for the source:")),
+            };
+            findings.push(finding(kind, None, None, format!("{what} {e}")));
+            let mut r = report(&resolved, None, tp, findings, 0, 0, 0, manifest.is_some(), vec![]);
+            r.source_checked = source_checked;
+            r.notes = notes;
+            return Ok(r);
         }
     };
-    let ckpt = Checkpoint::open(meta)?;
     findings.extend(check_aliases(&ckpt, &plan));
     findings.extend(check_coverage(&ckpt.meta, &plan));
     let empty = Vec::new();
@@ -274,18 +351,17 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
         layers =
             forward::check_all(&ckpt, &mapping, &resolved.dims, &shards, opts, forward::tolerance_for(plan.dtype))?;
         for l in &layers {
-            if !l.passed {
-                findings.push(finding(
-                    FindingKind::Forward,
-                    None,
-                    Some(&l.module),
-                    format!("cross-attention output of the shards differs from the source's by {:.3e} (relative {:.3e} > {:.0e})", l.max_abs_err, l.max_rel_err, l.tolerance),
-                ));
+            if let Some(msg) = l.problem() {
+                findings.push(finding(FindingKind::Forward, None, Some(&l.module), msg));
             }
         }
     }
     let target = plan.target.as_ref().map(|t| t.name.clone());
-    Ok(report(&resolved, target, tp, findings, files, tensors, bytes, manifest.is_some(), layers))
+    let mut r = report(&resolved, target, tp, findings, files, tensors, bytes, manifest.is_some(), layers);
+    r.source_checked = source_checked;
+    r.dtypes = dtype_counts(&ckpt.meta, &plan);
+    r.notes = notes;
+    Ok(r)
 }
 
 /// The dtype float tensors were cast to, judged from rank 0's files: the dtype of the first
@@ -322,6 +398,9 @@ fn report(
         tensors_checked: tensors,
         bytes_compared: bytes,
         manifest_checked,
+        source_checked: false,
+        dtypes: vec![],
+        notes: vec![],
         forward,
         findings,
     }
@@ -476,10 +555,10 @@ fn compare_tensor(ckpt: &Checkpoint, t: &OutTensor, got: &[u8]) -> Option<Findin
                     if src_dtype != t.dtype {
                         // A cast output must equal the deterministic cast of the source run.
                         cast.clear();
-                        if let Some(w) = want {
-                            crate::dtype::cast_into(src_dtype, w, t.dtype, &mut cast);
-                            want = Some(&cast);
-                        }
+                        // No cast between these dtypes exists: nothing can be the expected bytes.
+                        want = want
+                            .filter(|w| crate::dtype::cast_into(src_dtype, w, t.dtype, &mut cast))
+                            .map(|_| &cast[..]);
                     }
                     let have = got.get(at..at + len);
                     if want != have {

@@ -187,7 +187,15 @@ fn gather(
     for &(src, off, len) in runs {
         let bytes = src_slice(ckpt, src, off, len)?;
         match cast {
-            Some((from, to)) => dtype::cast_into(from, bytes, to, buf),
+            Some((from, to)) => {
+                if !dtype::cast_into(from, bytes, to, buf) {
+                    // The planner refuses such a cast; never write one dtype's bytes as another's.
+                    return Err(WriteError::Internal {
+                        tensor: String::new(),
+                        from: format!("a cast from {from} to {to}"),
+                    });
+                }
+            }
             None => buf.extend_from_slice(bytes),
         }
     }

@@ -1,6 +1,7 @@
 //! The manifest written beside the shards (`reshard-manifest.json`): where every output byte came
 //! from. Documented in README.md ("Output layout"); `verify` reads it back.
 
+use crate::checkpoint::fingerprint::Fingerprint;
 use crate::checkpoint::CheckpointMeta;
 use crate::mapping::engine::EngineTarget;
 use crate::plan::{OutTensor, ShardPlan, PLAN_FORMAT_VERSION};
@@ -67,6 +68,10 @@ pub struct Manifest {
     pub target: Option<EngineTarget>,
     /// The checkpoint's weight files.
     pub source_files: Vec<SourceEntry>,
+    /// Fingerprint of the source's tensors, which `verify` checks first (`None`: a manifest
+    /// written before it was recorded).
+    #[serde(default)]
+    pub source_fingerprint: Option<Fingerprint>,
     /// Non-weight files copied from the checkpoint.
     pub copied_files: Vec<String>,
     /// `[alias, primary]` pairs checked identical and not written.
@@ -77,7 +82,13 @@ pub struct Manifest {
 
 impl Manifest {
     /// Builds the manifest of a finished write.
-    pub fn new(meta: &CheckpointMeta, plan: &ShardPlan, files: &[FileEntry], copied: &[String]) -> Manifest {
+    pub fn new(
+        meta: &CheckpointMeta,
+        fingerprint: Fingerprint,
+        plan: &ShardPlan,
+        files: &[FileEntry],
+        copied: &[String],
+    ) -> Manifest {
         Manifest {
             format_version: PLAN_FORMAT_VERSION,
             tool: "reshard".into(),
@@ -90,6 +101,7 @@ impl Manifest {
             dtype: plan.dtype,
             target: plan.target.clone(),
             source_files: meta.files.iter().map(|f| SourceEntry { name: f.name.clone(), size: f.size }).collect(),
+            source_fingerprint: Some(fingerprint),
             copied_files: copied.to_vec(),
             aliases: plan.aliases.clone(),
             files: plan

@@ -341,6 +341,9 @@ fn write_into(
     tmp: &Path,
     opts: &WriteOptions,
 ) -> Result<WriteSummary, WriteError> {
+    // Before the data: the pages it samples are then read once, on a cold cache too, as the
+    // writer reads every byte of the source after it.
+    let fp = crate::checkpoint::fingerprint::fingerprint(ckpt);
     let files = engine::write_files(ckpt, plan, tmp, opts.progress, opts.fsync)?;
     let mut copied = Vec::new();
     for (i, name) in ckpt.meta.extra_files.iter().enumerate() {
@@ -359,7 +362,7 @@ fn write_into(
         crash_point();
         copied.push(name.clone());
     }
-    let m = manifest::Manifest::new(&ckpt.meta, plan, &files, &copied);
+    let m = manifest::Manifest::new(&ckpt.meta, fp, plan, &files, &copied);
     let mpath = tmp.join(MANIFEST_NAME);
     let mut w = File::create(&mpath).map_err(io(&mpath))?;
     let text = serde_json::to_vec_pretty(&m).expect("manifest serializes");
