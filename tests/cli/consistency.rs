@@ -6,16 +6,7 @@ use crate::util::*;
 use reshard::mapping::{CheckKind, SplitSpec};
 use serde_json::{json, Value};
 use std::fs;
-use std::path::{Path, PathBuf};
-
-/// A writable copy of a fixture in a temp dir; returns (tempdir, src, out).
-fn scratch(fixture_name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    copy_dir(&fixture(fixture_name), &src);
-    let out = tmp.path().join("out");
-    (tmp, src, out)
-}
+use std::path::Path;
 
 /// Sets `key` (dotted) of src/config.json to `value`; `None` removes it.
 fn set_config(src: &Path, key: &str, value: Option<Value>) {

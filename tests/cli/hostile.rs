@@ -6,15 +6,6 @@ use crate::util::*;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// A writable copy of a fixture in a temp dir; returns (tempdir, src, out).
-fn scratch(fixture_name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    copy_dir(&fixture(fixture_name), &src);
-    let out = tmp.path().join("out");
-    (tmp, src, out)
-}
-
 /// Runs convert and asserts the exit code, the message, and that no output exists.
 fn expect(src: &Path, out: &Path, extra: &[&str], code: i32, needles: &[&str]) -> String {
     let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"convert", &src, &"--tp", &"2", &"--out", &out];

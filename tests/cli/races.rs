@@ -10,12 +10,6 @@ use std::path::{Path, PathBuf};
 
 const RENAMES: [&str; 2] = ["atomic", "plain"];
 
-fn scratch() -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let out = tmp.path().join("out");
-    (tmp, out)
-}
-
 /// Starts a conversion of bart-awkward into `out` paused mid-write.
 fn paused_mid_write(out: &Path, rename: &str) -> Running {
     let mut cmd = convert_cmd(&fixture("bart-awkward"), out, 2, &[], &[("RESHARD_RENAME", rename)]);
@@ -39,7 +33,7 @@ fn issue14_what_appears_at_out_during_the_run_is_left_untouched() {
     for rename in RENAMES {
         // A directory with the user's files, an empty directory, a file, a symbolic link.
         for kind in ["dir", "empty dir", "file", "link"] {
-            let (tmp, out) = scratch();
+            let (tmp, out) = scratch_out();
             let run = paused_mid_write(&out, rename);
             let target = tmp.path().join("elsewhere");
             match kind {
@@ -80,7 +74,7 @@ fn issue14_what_appears_at_out_during_the_run_is_left_untouched() {
 #[test]
 fn issue14_an_empty_out_that_changes_during_the_run_is_left_untouched() {
     for rename in RENAMES {
-        let (tmp, out) = scratch();
+        let (tmp, out) = scratch_out();
         fs::create_dir(&out).unwrap();
         let run = paused_mid_write(&out, rename);
         fs::write(out.join("mine.txt"), "user data").unwrap();
@@ -118,7 +112,7 @@ fn issue14_two_runs_on_one_out_exactly_one_wins() {
     let src = fixture("bart-awkward");
     for rename in RENAMES {
         for force in [false, true] {
-            let (tmp, out) = scratch();
+            let (tmp, out) = scratch_out();
             if force {
                 assert!(convert_cmd(&src, &out, 1, &[], &[]).output().unwrap().status.success());
             }
@@ -158,7 +152,7 @@ fn issue14_two_runs_on_one_out_exactly_one_wins() {
 fn issue14_runs_started_together_have_one_winner() {
     let src = fixture("bart-tiny");
     for round in 0..3 {
-        let (tmp, out) = scratch();
+        let (tmp, out) = scratch_out();
         let runs: Vec<Running> = (0..3).map(|_| Running::spawn(convert_cmd(&src, &out, 2, &[], &[]))).collect();
         let results: Vec<Out> = runs.into_iter().map(Running::finish).collect();
         let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
@@ -175,7 +169,7 @@ fn issue14_runs_started_together_have_one_winner() {
 #[test]
 fn issue14_out_that_is_a_symlink_is_refused() {
     let src = fixture("bart-tiny");
-    let (tmp, out) = scratch();
+    let (tmp, out) = scratch_out();
     let target = tmp.path().join("target");
     std::os::unix::fs::symlink(&target, &out).unwrap();
     for (setup, extra) in [("dangling", &[][..]), ("empty", &[][..]), ("full", &["--force"][..])] {

@@ -3,18 +3,11 @@
 //! so the signal lands there deterministically.
 
 use crate::util::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const SIGNALS: [(i32, &str, i32); 3] =
     [(libc::SIGINT, "SIGINT", 130), (libc::SIGTERM, "SIGTERM", 143), (libc::SIGHUP, "SIGHUP", 129)];
-
-/// A temp dir on the checkout's disk (O_DIRECT works there) and the `--out` inside it.
-fn scratch() -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let out = tmp.path().join("out");
-    (tmp, out)
-}
 
 /// Starts `cmd` paused at step `at`; returns it once paused, with the pause line.
 fn paused_at(mut cmd: Command, at: u64) -> (Running, String) {
@@ -34,7 +27,7 @@ fn issue14_each_signal_mid_write_removes_the_staging_directory() {
     for (mode, (sig, name, code)) in
         [("direct", SIGNALS[0]), ("direct", SIGNALS[1]), ("buffered", SIGNALS[1]), ("direct", SIGNALS[2])]
     {
-        let (tmp, out) = scratch();
+        let (tmp, out) = scratch_out();
         let env = [("RESHARD_WRITE", mode)];
         let total = count_steps(convert_cmd(&src, &out, 2, &[], &env));
         std::fs::remove_dir_all(&out).unwrap();
@@ -57,7 +50,7 @@ fn issue14_each_signal_mid_write_removes_the_staging_directory() {
 #[test]
 fn issue14_a_signal_while_verifying_removes_the_staged_output() {
     let src = fixture("bart-awkward");
-    let (tmp, out) = scratch();
+    let (tmp, out) = scratch_out();
     let total = count_steps(convert_cmd(&src, &out, 2, &["--verify"], &[]));
     std::fs::remove_dir_all(&out).unwrap();
     // The last steps: verifying, publishing, published.
@@ -73,7 +66,7 @@ fn issue14_a_signal_while_verifying_removes_the_staged_output() {
 #[test]
 fn issue14_a_signal_before_the_staging_directory_exists() {
     let src = fixture("bart-tiny");
-    let (tmp, out) = scratch();
+    let (tmp, out) = scratch_out();
     let (run, line) = paused_at(convert_cmd(&src, &out, 2, &[], &[]), 1);
     assert!(line.contains("(claiming --out)"), "{line}");
     run.signal(libc::SIGINT);
@@ -87,7 +80,7 @@ fn issue14_a_signal_before_the_staging_directory_exists() {
 #[test]
 fn issue14_a_signal_removes_the_parent_directories_the_run_created() {
     let src = fixture("bart-awkward");
-    let (tmp, _) = scratch();
+    let (tmp, _) = scratch_out();
     let out = tmp.path().join("new/deeper/out");
     let (run, _) = paused_at(convert_cmd(&src, &out, 2, &[], &[]), 10);
     assert!(tmp.path().join("new/deeper").is_dir());
@@ -114,7 +107,7 @@ fn issue14_a_signal_during_a_forced_replacement_leaves_one_complete_output() {
         ("plain", 1, "(replaced, deleting the previous output)", 2, "removed the replaced output"),
     ];
     for (rename, from_end, label, tp_after, words) in cases {
-        let (tmp, out) = scratch();
+        let (tmp, out) = scratch_out();
         let env = [("RESHARD_RENAME", rename)];
         assert!(convert_cmd(&src, &out, 1, &[], &[]).output().unwrap().status.success());
         let total = count_steps(convert_cmd(&src, &out, 2, &["--force"], &env));
@@ -137,7 +130,7 @@ fn issue14_a_signal_during_a_forced_replacement_leaves_one_complete_output() {
 fn issue14_an_ignored_sighup_stays_ignored() {
     use std::os::unix::process::CommandExt;
     let src = fixture("bart-awkward");
-    let (_tmp, out) = scratch();
+    let (_tmp, out) = scratch_out();
     let mut cmd = convert_cmd(&src, &out, 2, &[], &[]);
     // SAFETY: only signal(2) between fork and exec.
     unsafe {

@@ -396,3 +396,19 @@ pub fn manifest_tp(out: &Path) -> u64 {
         serde_json::from_slice(&std::fs::read(out.join("reshard-manifest.json")).unwrap()).unwrap();
     v["tp"].as_u64().unwrap()
 }
+
+/// A writable copy of a fixture in a temp dir; returns (tempdir, src, out).
+pub fn scratch(fixture_name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    copy_dir(&fixture(fixture_name), &src);
+    let out = tmp.path().join("out");
+    (tmp, src, out)
+}
+
+/// A temp dir on the checkout's disk (O_DIRECT works there) and the `--out` inside it.
+pub fn scratch_out() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let out = tmp.path().join("out");
+    (tmp, out)
+}

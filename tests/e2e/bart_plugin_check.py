@@ -53,7 +53,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common import bytes_to_unicode, rerandomize, run_group, top
+from common import bytes_to_unicode, engine_args, rerandomize, run_group, top
 
 TOP_K = 5
 MAX_TOKENS = 8
@@ -252,26 +252,9 @@ def child(a) -> None:
         from vllm import LLM, SamplingParams
 
         result["plugin_file"] = vllm_bart_plugin.__file__
-        kwargs = {}
-        if a.tp > 1:
-            kwargs["distributed_executor_backend"] = "mp"
-        llm = LLM(
-            model=a.model,
-            tokenizer=a.model,
-            load_format=a.load_format,
-            tensor_parallel_size=a.tp,
-            dtype="float32",
-            enforce_eager=True,
-            max_model_len=64,
-            max_num_seqs=4,
-            max_num_batched_tokens=2048,
-            # An explicit small KV cache: 64 tokens of a 4-layer-equivalent model need
-            # kilobytes, and the CPU worker otherwise refuses to start when other
-            # processes hold memory.
-            kv_cache_memory_bytes=64 << 20,
-            seed=0,
-            **kwargs,
-        )
+        # An explicit small KV cache: 64 tokens of a 4-layer-equivalent model need kilobytes, and
+        # the CPU worker otherwise refuses to start when other processes hold memory.
+        llm = LLM(**engine_args(a.model, a.tp, a.load_format), kv_cache_memory_bytes=64 << 20)
         result["loaded"] = True
         params = SamplingParams(
             temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_K, prompt_logprobs=TOP_K

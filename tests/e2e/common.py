@@ -45,6 +45,28 @@ def rerandomize(model, seed: int) -> None:
                 t.copy_(noise / max(fan_in, 1) ** 0.5)
 
 
+def engine_args(model, tp: int, load_format: str) -> dict:
+    """The LLM() arguments every e2e load uses: fp32 and eager (so the HF and sharded loads run the
+    same kernels), a short context, greedy-friendly batch limits, and the multiprocessing backend
+    for tp > 1 (the CPU build needs it)."""
+    args = dict(
+        model=str(model),
+        tokenizer=str(model),
+        load_format=load_format,
+        tensor_parallel_size=tp,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=64,
+        max_num_seqs=4,
+        # Whisper needs room for the 1500 encoder positions of one clip in a batch.
+        max_num_batched_tokens=2048,
+        seed=0,
+    )
+    if tp > 1:
+        args["distributed_executor_backend"] = "mp"
+    return args
+
+
 def top(entry):
     """{token id: logprob} of one position, as sorted [id, logprob] pairs (JSON keeps floats exact)."""
     if entry is None:

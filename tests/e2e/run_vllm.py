@@ -13,7 +13,7 @@ import os
 import sys
 
 import numpy as np
-from common import top
+from common import engine_args, top
 
 PROMPT = "<|startoftranscript|><|en|><|transcribe|><|notimestamps|>"
 TOP_K = 5
@@ -41,23 +41,7 @@ def main():
 
     from vllm import LLM, SamplingParams
 
-    kwargs = {}
-    if a.tp > 1:
-        kwargs["distributed_executor_backend"] = "mp"
-    llm = LLM(
-        model=a.model,
-        tokenizer=a.model,
-        load_format=a.load_format,
-        tensor_parallel_size=a.tp,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=64,
-        max_num_seqs=4,
-        max_num_batched_tokens=2048,
-        seed=0,
-        limit_mm_per_prompt={"audio": 1},
-        **kwargs,
-    )
+    llm = LLM(**engine_args(a.model, a.tp, a.load_format), limit_mm_per_prompt={"audio": 1})
     params = SamplingParams(
         temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_K, prompt_logprobs=TOP_K
     )
