@@ -57,6 +57,14 @@ pub struct ValidateArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Where the paths run: `cuda` (cuBLAS and NVRTC kernels; exit 3 without a GPU) or `cpu` (the
+    /// same paths on the host: a GEMM that follows the cuBLAS specification and the kernels
+    /// transcribed line for line; works in every build).
+    #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
+    pub device: String,
+    /// For --shape: a smaller head size than the model's, same head counts (a quick check).
+    #[arg(long, requires = "shape", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub head_dim: Option<u32>,
     /// config.json to use (single-file SOURCE).
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -227,11 +235,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 impl ValidateArgs {
     /// The library job, and whether to print JSON.
     pub fn job(self) -> Result<(reshard::gpu::ValidateJob, bool), reshard::Error> {
-        use reshard::gpu::{problem::Preset, GpuDtype, GpuError, ValidateInput, ValidateJob, ValidateOptions};
+        use reshard::gpu::{
+            problem::Preset, DeviceKind, GpuDtype, GpuError, ValidateInput, ValidateJob, ValidateOptions,
+        };
         let a = self;
         let layers = parse_layers(&a.layers).map_err(GpuError::Setup)?;
         let input = match (a.shape.as_deref().and_then(Preset::parse), a.source, a.out) {
-            (Some(preset), _, _) => ValidateInput::Synthetic { preset, tp: a.tp as usize },
+            (Some(preset), _, _) => {
+                ValidateInput::Synthetic { preset, tp: a.tp as usize, head_dim: a.head_dim.map(|h| h as usize) }
+            }
             (None, Some(input), Some(out)) => ValidateInput::Checkpoint {
                 src: reshard::Source { input, config: a.config, mapping: a.mapping },
                 out,
@@ -247,6 +259,7 @@ impl ValidateArgs {
             tokens: a.tokens as usize,
             source_tokens: a.source_tokens as usize,
             seed: 0x5eed,
+            device: if a.device == "cpu" { DeviceKind::Cpu } else { DeviceKind::Cuda },
         };
         Ok((job, a.json))
     }

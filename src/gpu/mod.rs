@@ -8,7 +8,13 @@
 //! and reporting) is always compiled and tested. The device side sits behind the `cuda` feature
 //! in `enabled.rs`; without it `disabled.rs` answers [`GpuError::NotCompiled`]. Both expose the
 //! same [`Gpu`] type.
+//!
+//! The fused and split paths are written once, in `device.rs`, against a narrow device interface
+//! ([`device::Device`]); `enabled.rs` implements it with cudarc and `cpu.rs` on the host
+//! (`--device cpu`, in every build), so the whole flow runs in `cargo test`.
 
+pub mod cpu;
+pub mod device;
 #[cfg(not(feature = "cuda"))]
 mod disabled;
 #[cfg(feature = "cuda")]
@@ -146,6 +152,50 @@ pub struct ValidateReport {
     pub problems: Vec<ProblemReport>,
 }
 
+/// Which implementation of the device interface runs the paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// cuBLAS and NVRTC kernels on CUDA device 0 (needs `--features cuda` and a GPU).
+    Cuda,
+    /// The host implementation: cuBLAS-spec GEMM and the kernels transcribed line for line.
+    Cpu,
+}
+
+/// An open device.
+pub enum Backend {
+    /// See [`DeviceKind::Cuda`].
+    Cuda(Gpu),
+    /// See [`DeviceKind::Cpu`].
+    Cpu(cpu::Cpu),
+}
+
+impl Backend {
+    /// Opens the device (for CUDA, fails with [`GpuError`] without one).
+    pub fn open(kind: DeviceKind) -> Result<Backend, GpuError> {
+        Ok(match kind {
+            DeviceKind::Cuda => Backend::Cuda(Gpu::new()?),
+            DeviceKind::Cpu => Backend::Cpu(cpu::Cpu),
+        })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> String {
+        match self {
+            Backend::Cuda(g) => g.device_name(),
+            Backend::Cpu(c) => c.device_name(),
+        }
+    }
+
+    /// Runs the fused and split paths of `p`.
+    pub fn run(&self, p: &Problem, dtype: GpuDtype, iters: usize) -> Result<GpuRun, GpuError> {
+        match (self, dtype) {
+            (Backend::Cuda(g), _) => g.run(p, dtype, iters),
+            (Backend::Cpu(c), GpuDtype::F32) => device::run_paths::<f32, _>(c, p, iters),
+            (Backend::Cpu(c), GpuDtype::Bf16) => device::run_paths::<half::bf16, _>(c, p, iters),
+        }
+    }
+}
+
 /// Options of [`validate`].
 #[derive(Clone, Debug)]
 pub struct ValidateOptions {
@@ -198,7 +248,7 @@ pub fn compare(p: &Problem, run: &GpuRun, dtype: GpuDtype) -> ProblemReport {
 /// Runs every problem on the GPU. The device is opened first, so a machine without one fails fast
 /// with [`GpuError`] before any problem is built.
 pub fn validate(
-    gpu: &Gpu,
+    gpu: &Backend,
     problems: impl IntoIterator<Item = Result<Problem, Error>>,
     opts: &ValidateOptions,
 ) -> Result<ValidateReport, Error> {
@@ -235,6 +285,8 @@ pub enum ValidateInput {
         preset: problem::Preset,
         /// Ranks of the split path.
         tp: usize,
+        /// A smaller head size than the model's (same head counts), for a quick check.
+        head_dim: Option<usize>,
     },
 }
 
@@ -251,14 +303,16 @@ pub struct ValidateJob {
     pub source_tokens: usize,
     /// Seed of the random inputs.
     pub seed: u64,
+    /// Where the paths run.
+    pub device: DeviceKind,
 }
 
-/// Runs `validate`: opens the GPU first (exit code 3 when there is none), then builds and runs
-/// every problem.
+/// Runs `validate`: opens the device first (exit code 3 when CUDA is asked for and there is no
+/// GPU), then builds and runs every problem.
 pub fn run(job: &ValidateJob) -> Result<ValidateReport, Error> {
-    let gpu = Gpu::new()?;
+    let gpu = Backend::open(job.device)?;
     match &job.input {
-        ValidateInput::Synthetic { preset, tp } => {
+        ValidateInput::Synthetic { preset, tp, head_dim } => {
             if !preset.valid_tp(*tp) {
                 return Err(GpuError::Setup(format!(
                     "tp {tp} does not fit {} (heads and kv heads must divide or replicate evenly)",
@@ -266,7 +320,10 @@ pub fn run(job: &ValidateJob) -> Result<ValidateReport, Error> {
                 ))
                 .into());
             }
-            let p = Problem::synthetic(*preset, *tp, job.tokens, job.source_tokens, job.seed);
+            if *head_dim == Some(0) {
+                return Err(GpuError::Setup("--head-dim must be at least 1".into()).into());
+            }
+            let p = Problem::synthetic(*preset, *tp, *head_dim, job.tokens, job.source_tokens, job.seed);
             validate(&gpu, [Ok(p)], &job.options)
         }
         ValidateInput::Checkpoint { src, out, layers } => {

@@ -153,15 +153,27 @@ impl Problem {
             .collect();
     }
 
-    /// A synthetic layer of real size, split over `tp` ranks.
-    pub fn synthetic(preset: Preset, tp: usize, tokens: usize, source_tokens: usize, seed: u64) -> Problem {
+    /// A synthetic layer of real size (or of the real head counts at head size `head_dim`), split
+    /// over `tp` ranks.
+    pub fn synthetic(
+        preset: Preset,
+        tp: usize,
+        head_dim: Option<usize>,
+        tokens: usize,
+        source_tokens: usize,
+        seed: u64,
+    ) -> Problem {
         let (d, h, kv, biases, k_bias, norms) = preset.dims();
-        let label = format!("{} (synthetic weights)", preset.name());
-        Problem::random(label, (d / h, h, kv), (biases, k_bias, norms), tp, (tokens, source_tokens), seed)
+        let hd = head_dim.unwrap_or(d / h);
+        let label = match head_dim {
+            None => format!("{} (synthetic weights)", preset.name()),
+            Some(hd) => format!("{} at head size {hd} (synthetic weights)", preset.name()),
+        };
+        Problem::random(label, (hd, h, kv), (biases, k_bias, norms), tp, (tokens, source_tokens), seed)
     }
 
     /// A random layer with `(head_dim, heads, kv_heads)`, `(biases, k bias, q/k norms)`.
-    fn random(
+    pub(crate) fn random(
         label: String,
         (hd, h, kv): (usize, usize, usize),
         (biases, k_bias, norms): (bool, bool, bool),
