@@ -188,7 +188,7 @@ impl<T: Elem> Device<T> for Cpu {
         gemm(g, a, b, c)
     }
 
-    fn to_f32(&self, x: &Vec<T>, y: &mut Vec<f32>, n: i32) -> Result<(), GpuError> {
+    fn cast_to_f32(&self, x: &Vec<T>, y: &mut Vec<f32>, n: i32) -> Result<(), GpuError> {
         launch("to_f32", n.max(0) as usize, |b, t| {
             let i = tid(b, t);
             // if (i < n) y[i] = x[i];  /  y[i] = __uint_as_float(((unsigned int)x[i]) << 16);
@@ -199,7 +199,7 @@ impl<T: Elem> Device<T> for Cpu {
         })
     }
 
-    fn from_f32(&self, x: &Vec<f32>, y: &mut Vec<T>, n: i32) -> Result<(), GpuError> {
+    fn cast_from_f32(&self, x: &Vec<f32>, y: &mut Vec<T>, n: i32) -> Result<(), GpuError> {
         launch("from_f32", n.max(0) as usize, |b, t| {
             let i = tid(b, t);
             // if (i < n) { ... y[i] = (unsigned short)(u >> 16); }
@@ -474,7 +474,7 @@ mod tests {
 
     #[test]
     fn bf16_kernels_round_to_nearest_even() {
-        for v in [1.0f32, 1.00390625, 1.01171875, -3.3, 65504.0, 1e-20] {
+        for v in [1.0f32, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -3.3, 65504.0, 1e-20] {
             assert_eq!(half::bf16::kernel_from_f32(v), half::bf16::from_f32(v), "{v}");
             assert_eq!(half::bf16::from_f32(v).kernel_to_f32(), half::bf16::from_f32(v).to_f32());
         }

@@ -198,9 +198,9 @@ pub trait Device<T: Elem> {
     /// cuBLAS GEMM with f32 accumulation: `c = alpha op(a) op(b) + beta c`.
     fn gemm(&self, g: &Gemm, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf) -> Result<(), GpuError>;
     /// `copy_f32` or `bf16_to_f32`.
-    fn to_f32(&self, x: &Self::Buf, y: &mut Self::Buf32, n: i32) -> Result<(), GpuError>;
+    fn cast_to_f32(&self, x: &Self::Buf, y: &mut Self::Buf32, n: i32) -> Result<(), GpuError>;
     /// `copy_f32` or `f32_to_bf16`.
-    fn from_f32(&self, x: &Self::Buf32, y: &mut Self::Buf, n: i32) -> Result<(), GpuError>;
+    fn cast_from_f32(&self, x: &Self::Buf32, y: &mut Self::Buf, n: i32) -> Result<(), GpuError>;
     fn gather_cols(
         &self,
         src: &Self::Buf32,
@@ -273,13 +273,13 @@ impl<D: Device<T>, T: Elem> Paths<'_, D, T> {
 
     fn f32_of(&self, x: &D::Buf, n: usize) -> Result<D::Buf32, GpuError> {
         let mut y = self.dev.zeros32(n)?;
-        self.dev.to_f32(x, &mut y, int(n)?)?;
+        self.dev.cast_to_f32(x, &mut y, int(n)?)?;
         Ok(y)
     }
 
     fn t_of(&self, x: &D::Buf32, n: usize) -> Result<D::Buf, GpuError> {
         let mut y = self.dev.zeros(n)?;
-        self.dev.from_f32(x, &mut y, int(n)?)?;
+        self.dev.cast_from_f32(x, &mut y, int(n)?)?;
         Ok(y)
     }
 

@@ -200,11 +200,11 @@ where
         unsafe { self.blas.gemm(cfg, a, b, c) }.map_err(blas("cublasGemm"))
     }
 
-    fn to_f32(&self, x: &CudaSlice<T>, y: &mut CudaSlice<f32>, n: i32) -> Result<(), GpuError> {
+    fn cast_to_f32(&self, x: &CudaSlice<T>, y: &mut CudaSlice<f32>, n: i32) -> Result<(), GpuError> {
         launch!(self, T::TO_F32, n.max(0) as usize; x, &mut *y, &n)
     }
 
-    fn from_f32(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<T>, n: i32) -> Result<(), GpuError> {
+    fn cast_from_f32(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<T>, n: i32) -> Result<(), GpuError> {
         launch!(self, T::FROM_F32, n.max(0) as usize; x, &mut *y, &n)
     }
 

@@ -19,6 +19,8 @@ pub mod device;
 mod disabled;
 #[cfg(feature = "cuda")]
 mod enabled;
+#[cfg(test)]
+mod mutants;
 pub mod problem;
 
 #[cfg(not(feature = "cuda"))]
