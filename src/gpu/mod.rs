@@ -26,7 +26,7 @@ pub mod problem;
 #[cfg(not(feature = "cuda"))]
 pub use disabled::Gpu;
 #[cfg(feature = "cuda")]
-pub use enabled::Gpu;
+pub use enabled::{compile_kernels, Gpu};
 
 use crate::verify::forward::max_err;
 use crate::Error;
