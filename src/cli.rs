@@ -21,7 +21,7 @@ pub enum Command {
     /// forward numerically (exit 1 on any finding).
     Verify(VerifyArgs),
     /// Run the cross-attention forward on a GPU, fused against split, with timings (needs a build
-    /// with `--features cuda`; exit 3 without a GPU).
+    /// with `--features cuda`; exit 3 without a GPU), or the same paths on the CPU (`--device cpu`).
     Validate(ValidateArgs),
 }
 

@@ -33,7 +33,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
             let report = reshard::gpu::run(&job.0)?;
             let printed = if json { output::print_json(out, &report) } else { output::print_validate(out, &report) };
             if !report.ok {
-                eprintln!("error: GPU validation failed: a result is outside its tolerance");
+                eprintln!("error: validation on {} failed: a result is outside its tolerance", report.device);
             }
             Ok((printed, if report.ok { exit_code::OK } else { exit_code::CHECK_FAILED }))
         }

@@ -75,3 +75,29 @@ fn validate_fixtures_and_real_shapes() {
         assert_eq!(code, 0, "{shape}: {stdout} {err}");
     }
 }
+
+/// `--device cpu` works in a cuda build too, GPU or not.
+#[test]
+fn validate_device_cpu_in_a_cuda_build() {
+    let (code, stdout, err) = reshard(&[
+        "validate",
+        "--device",
+        "cpu",
+        "--shape",
+        "mllama-11b",
+        "--tp",
+        "4",
+        "--head-dim",
+        "8",
+        "--tokens",
+        "3",
+        "--source-tokens",
+        "5",
+        "--iters",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stdout} {err}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v:#}");
+}

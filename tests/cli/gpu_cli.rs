@@ -137,3 +137,42 @@ fn validate_on_cpu_real_shapes_at_reduced_size() {
     let r = reshard(&[&"validate", &"--device", &"tpu", &"--shape", &"bart-large"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
+
+/// The three shapes at their full real size (d 1024, 1280, 4096), a few tokens each.
+#[test]
+fn validate_on_cpu_real_shapes_at_full_size() {
+    for (shape, tp, hidden, dtypes) in [
+        ("bart-large", 2, 1024, &["f32", "bf16"][..]),
+        ("whisper-large", 4, 1280, &["f32", "bf16"]),
+        ("mllama-11b", 8, 4096, &["bf16"]),
+    ] {
+        for dtype in dtypes {
+            let r = reshard(&[
+                &"validate",
+                &"--device",
+                &"cpu",
+                &"--shape",
+                &shape,
+                &"--tp",
+                &tp.to_string(),
+                &"--tokens",
+                &"2",
+                &"--source-tokens",
+                &"3",
+                &"--iters",
+                &"1",
+                &"--dtype",
+                dtype,
+                &"--json",
+            ]);
+            assert_eq!(r.code, 0, "{shape} {dtype}: {} {}", r.stdout, r.stderr);
+            let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+            assert_eq!(v["ok"], true, "{v:#}");
+            assert_eq!(
+                v["problems"][0]["hidden"],
+                [1024, 1280, 4096]
+                    [["bart-large", "whisper-large", "mllama-11b"].iter().position(|s| *s == shape).unwrap()]
+            );
+        }
+    }
+}
