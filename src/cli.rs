@@ -62,7 +62,7 @@ pub struct ValidateArgs {
     /// transcribed line for line; works in every build).
     #[arg(long, default_value = "cuda", value_parser = ["cuda", "cpu"])]
     pub device: String,
-    /// For --shape: a smaller head size than the model's, same head counts (a quick check).
+    /// For --shape: a smaller head size than the model's (at most its own), same head counts (a quick check).
     #[arg(long, requires = "shape", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub head_dim: Option<u32>,
     /// config.json to use (single-file SOURCE).

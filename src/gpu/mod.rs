@@ -322,8 +322,15 @@ pub fn run(job: &ValidateJob) -> Result<ValidateReport, Error> {
                 ))
                 .into());
             }
-            if *head_dim == Some(0) {
-                return Err(GpuError::Setup("--head-dim must be at least 1".into()).into());
+            if let Some(hd) = *head_dim {
+                if hd == 0 || hd > preset.head_dim() {
+                    return Err(GpuError::Setup(format!(
+                        "--head-dim {hd}: must be from 1 to {}, the head size of {}",
+                        preset.head_dim(),
+                        preset.name()
+                    ))
+                    .into());
+                }
             }
             let p = Problem::synthetic(*preset, *tp, *head_dim, job.tokens, job.source_tokens, job.seed);
             validate(&gpu, [Ok(p)], &job.options)

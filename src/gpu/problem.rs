@@ -103,6 +103,12 @@ impl Preset {
         }
     }
 
+    /// The model's head size.
+    pub fn head_dim(self) -> usize {
+        let (d, h, ..) = self.dims();
+        d / h
+    }
+
     /// The tp values the contract allows for this shape.
     pub fn valid_tp(self, tp: usize) -> bool {
         let (_, h, kv, ..) = self.dims();
