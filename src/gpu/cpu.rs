@@ -99,28 +99,33 @@ fn invalid(why: String) -> GpuError {
     GpuError::Cuda { op: "cublasGemmEx".into(), msg: format!("CUBLAS_STATUS_INVALID_VALUE: {why}") }
 }
 
-/// Checks that a column-major `rows x cols` operand with leading dimension `ld` fits `len`.
-fn fits(name: &str, rows: i64, cols: i64, ld: i64, len: usize) -> Result<(), GpuError> {
+/// Checks that a column-major `rows x cols` operand with leading dimension `ld`, starting `off`
+/// elements in, fits `len`.
+fn fits(name: &str, (rows, cols, ld, off): (i64, i64, i64, i64), len: usize) -> Result<(), GpuError> {
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    let last = (rows - 1) + (cols - 1) * ld;
+    let last = (rows - 1) + (cols - 1) * ld + off;
     if last >= len as i64 {
         return Err(GpuError::Cuda {
             op: "cublasGemmEx".into(),
             msg: format!(
-                "{name} of {rows}x{cols} with ld {ld} reaches element {last} of a {len}-element buffer (undefined on a GPU)"
+                "{name} of {rows}x{cols} with ld {ld} at offset {off} reaches element {last} of a {len}-element buffer (undefined on a GPU)"
             ),
         });
     }
     Ok(())
 }
 
-/// `C = alpha op(A) op(B) + beta C` as the cuBLAS documentation defines it.
+/// `C_p = alpha op(A_p) op(B_p) + beta C_p` for each batch entry `p`, as the cuBLAS documentation
+/// defines `cublasGemmStridedBatchedEx` (and `cublasGemmEx` at batch 1).
 pub fn gemm<T: Elem>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<(), GpuError> {
     let (m, n, k) = (g.m as i64, g.n as i64, g.k as i64);
-    if m < 0 || n < 0 || k < 0 {
-        return Err(invalid(format!("m {m}, n {n}, k {k}")));
+    if m < 0 || n < 0 || k < 0 || g.batch < 0 {
+        return Err(invalid(format!("m {m}, n {n}, k {k}, batch {}", g.batch)));
+    }
+    if g.stride_a < 0 || g.stride_b < 0 || g.stride_c < 0 {
+        return Err(invalid("a negative stride (not supported here)".into()));
     }
     // op(A) is m x k: A is m x k (N) or k x m (T), lda >= its rows.
     let (a_rows, a_cols) = if g.transa == Op::N { (m, k) } else { (k, m) };
@@ -135,26 +140,31 @@ pub fn gemm<T: Elem>(g: &Gemm, a: &[T], b: &[T], c: &mut [T]) -> Result<(), GpuE
     if ldc < m.max(1) {
         return Err(invalid(format!("ldc {ldc} < {}", m.max(1))));
     }
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || g.batch == 0 {
         return Ok(());
     }
+    let last = g.batch as i64 - 1;
     if k > 0 {
-        fits("A", a_rows, a_cols, lda, a.len())?;
-        fits("B", b_rows, b_cols, ldb, b.len())?;
+        fits("A", (a_rows, a_cols, lda, last * g.stride_a), a.len())?;
+        fits("B", (b_rows, b_cols, ldb, last * g.stride_b), b.len())?;
     }
-    fits("C", m, n, ldc, c.len())?;
+    fits("C", (m, n, ldc, last * g.stride_c), c.len())?;
     let at = |i: i64, l: i64| if g.transa == Op::N { i + l * lda } else { l + i * lda };
     let bt = |l: i64, j: i64| if g.transb == Op::N { l + j * ldb } else { j + l * ldb };
-    // Every index below is within the extents checked above.
-    for j in 0..n {
-        for i in 0..m {
-            let mut acc = 0f32;
-            for l in 0..k {
-                acc += a[at(i, l) as usize].load() * b[bt(l, j) as usize].load();
+    // Every index below is within the extents checked above (the last batch entry reaches
+    // furthest, strides being non-negative).
+    for p in 0..=last {
+        let (oa, ob, oc) = (p * g.stride_a, p * g.stride_b, p * g.stride_c);
+        for j in 0..n {
+            for i in 0..m {
+                let mut acc = 0f32;
+                for l in 0..k {
+                    acc += a[(oa + at(i, l)) as usize].load() * b[(ob + bt(l, j)) as usize].load();
+                }
+                let ci = (oc + i + j * ldc) as usize;
+                let old = if g.beta == 0.0 { 0.0 } else { g.beta * c[ci].load() };
+                c[ci] = T::store(g.alpha * acc + old);
             }
-            let ci = (i + j * ldc) as usize;
-            let old = if g.beta == 0.0 { 0.0 } else { g.beta * c[ci].load() };
-            c[ci] = T::store(g.alpha * acc + old);
         }
     }
     Ok(())
@@ -415,9 +425,33 @@ mod tests {
         let a = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
         let b = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0];
         let mut c = [10.0f32; 4];
-        let g = Gemm { transa: Op::N, transb: Op::N, m: 2, n: 2, k: 3, alpha: 2.0, lda: 2, ldb: 3, beta: 1.0, ldc: 2 };
+        let g = Gemm {
+            transa: Op::N,
+            transb: Op::N,
+            m: 2,
+            n: 2,
+            k: 3,
+            alpha: 2.0,
+            lda: 2,
+            ldb: 3,
+            beta: 1.0,
+            ldc: 2,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        };
         gemm(&g, &a, &b, &mut c).unwrap();
         assert_eq!(c, [12.0, 18.0, 20.0, 32.0]);
+
+        // Strided batch of 2: the second entry uses A and B shifted by their strides, C by its own;
+        // B shared (stride 0).
+        let a2: Vec<f32> = a.iter().chain(a.iter().map(|v| v * 10.0).collect::<Vec<_>>().iter()).copied().collect();
+        let mut c2 = [0f32; 8];
+        let gb = Gemm { alpha: 1.0, beta: 0.0, batch: 2, stride_a: 6, stride_b: 0, stride_c: 4, ..g };
+        gemm(&gb, &a2, &b, &mut c2).unwrap();
+        assert_eq!(c2, [1.0, 4.0, 5.0, 11.0, 10.0, 40.0, 50.0, 110.0]);
+        assert!(gemm(&Gemm { batch: 3, ..gb }, &a2, &b, &mut c2).is_err(), "a batch past A's end");
 
         // beta 0 does not read C (NaN stays out).
         let mut c = [f32::NAN; 4];

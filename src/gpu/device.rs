@@ -110,9 +110,11 @@ pub enum Op {
     T,
 }
 
-/// The arguments of `cublasGemmEx`/`cublasSgemm`, with cuBLAS's meaning: column-major
-/// `C[m, n] = alpha * op(A)[m, k] * op(B)[k, n] + beta * C`, `A` with leading dimension `lda`, and
-/// so on. Sizes are cuBLAS's `int`s.
+/// The arguments of `cublasGemmStridedBatchedEx` (`cublasGemmEx` when `batch` is 1), with
+/// cuBLAS's meaning: for each `p < batch`, column-major
+/// `C_p[m, n] = alpha * op(A_p)[m, k] * op(B_p)[k, n] + beta * C_p`, `A_p` starting
+/// `p * stride_a` elements into `A` with leading dimension `lda`, and so on. Sizes are cuBLAS's
+/// `int`s, strides its `long long`s.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[allow(missing_docs)]
 pub struct Gemm {
@@ -126,6 +128,10 @@ pub struct Gemm {
     pub ldb: i32,
     pub beta: f32,
     pub ldc: i32,
+    pub batch: i32,
+    pub stride_a: i64,
+    pub stride_b: i64,
+    pub stride_c: i64,
 }
 
 /// An element type the GEMMs run in, as the host and the conversion kernels see it.
@@ -254,6 +260,10 @@ pub fn linear_gemm(m: usize, n: usize, k: usize) -> Result<Gemm, GpuError> {
         ldb: int(k)?,
         beta: 0.0,
         ldc: int(n)?,
+        batch: 1,
+        stride_a: 0,
+        stride_b: 0,
+        stride_c: 0,
     })
 }
 

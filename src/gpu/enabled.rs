@@ -5,7 +5,7 @@
 use super::device::{self, grid, Device, Op, BLOCK, KERNELS, KERNEL_NAMES as NAMES};
 use super::problem::Problem;
 use super::{GpuDtype, GpuError, GpuRun};
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
@@ -197,7 +197,18 @@ where
         };
         // SAFETY: the same call on the CPU implementation checks cuBLAS's argument rules and that
         // every operand extent fits its buffer; the tests run every call of the paths there.
-        unsafe { self.blas.gemm(cfg, a, b, c) }.map_err(blas("cublasGemm"))
+        if g.batch == 1 {
+            return unsafe { self.blas.gemm(cfg, a, b, c) }.map_err(blas("cublasGemm"));
+        }
+        let cfg = StridedBatchedConfig {
+            gemm: cfg,
+            batch_size: g.batch,
+            stride_a: g.stride_a,
+            stride_b: g.stride_b,
+            stride_c: g.stride_c,
+        };
+        // SAFETY: as above.
+        unsafe { self.blas.gemm_strided_batched(cfg, a, b, c) }.map_err(blas("cublasGemmStridedBatched"))
     }
 
     fn cast_to_f32(&self, x: &CudaSlice<T>, y: &mut CudaSlice<f32>, n: i32) -> Result<(), GpuError> {
