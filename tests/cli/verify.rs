@@ -55,6 +55,7 @@ fn verify_passes_on_every_fixture() {
         ("bart-awkward", 3),
         ("bart-mixed-heads", 2),
         ("bart-legacy", 2),
+        ("mbart-tiny", 4),
         ("whisper-tiny", 2),
         ("mllama-gqa", 8),
         ("mllama-awkward", 6),
@@ -259,6 +260,11 @@ fn goldens_bart() {
     golden_check("bart-tiny", 4);
     golden_check("bart-awkward", 6);
     golden_check("bart-mixed-heads", 2);
+}
+
+#[test]
+fn goldens_mbart() {
+    golden_check("mbart-tiny", 4);
 }
 
 #[test]
