@@ -57,6 +57,8 @@ fn verify_passes_on_every_fixture() {
         ("bart-legacy", 2),
         ("mbart-tiny", 4),
         ("whisper-tiny", 2),
+        ("whisper-turbo-tiny", 4),
+        ("whisper-distil-tiny", 2),
         ("mllama-gqa", 8),
         ("mllama-awkward", 6),
         ("mllama-sharded", 4),
@@ -270,6 +272,8 @@ fn goldens_mbart() {
 #[test]
 fn goldens_whisper() {
     golden_check("whisper-tiny", 4);
+    golden_check("whisper-turbo-tiny", 4);
+    golden_check("whisper-distil-tiny", 2);
 }
 
 #[test]
