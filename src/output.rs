@@ -60,7 +60,12 @@ impl Bar {
         let target =
             if enabled { indicatif::ProgressDrawTarget::stderr() } else { indicatif::ProgressDrawTarget::hidden() };
         let width = console::Term::stderr().size_checked().map_or(80, |(_, cols)| usize::from(cols));
-        Bar { bar: indicatif::ProgressBar::with_draw_target(Some(0), target), width }
+        // Styled before it can draw: until the first phase starts, reading the checkpoint's
+        // headers and the mapping.
+        let bar = Bar { bar: indicatif::ProgressBar::hidden(), width };
+        bar.start("reading", 0, Unit::Items);
+        bar.bar.set_draw_target(target);
+        bar
     }
 
     /// Clears the bar off the terminal.
@@ -71,11 +76,12 @@ impl Bar {
 
 impl Sink for Bar {
     fn start(&self, label: &str, total: u64, unit: Unit) {
-        self.bar.reset();
+        // The style first: a reset redraws, and must not draw the old phase's label.
         if let Ok(style) = indicatif::ProgressStyle::with_template(&bar_template(label, unit, self.width)) {
             self.bar.set_style(style);
         }
         self.bar.set_length(total);
+        self.bar.reset();
     }
 
     fn inc(&self, n: u64) {

@@ -190,3 +190,89 @@ fn version_completions_and_man_page() {
     let r = reshard(&[&"--help"]);
     assert!(!r.stdout.contains("completions"), "{}", r.stdout);
 }
+
+/// Runs `reshard args` with stderr on a pseudo-terminal `cols` columns wide; returns the exit code
+/// and everything written to the terminal.
+#[cfg(target_os = "linux")]
+fn on_a_terminal(cols: u16, args: &[&dyn AsRef<OsStr>]) -> (i32, String) {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize { ws_row: 24, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: openpty writes two descriptors into the given ints; the name pointer may be null.
+    let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just opened and are owned here alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_reshard"));
+    cmd.args(args.iter().map(|a| a.as_ref()))
+        .env_remove("NO_COLOR")
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(slave));
+    let mut child = cmd.spawn().unwrap();
+    // The parent's copy of the slave went into the Command and is closed when it is dropped.
+    drop(cmd);
+    let reader = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(master);
+        let mut v = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the child, the slave's last holder, has exited.
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            v.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&v).into_owned()
+    });
+    let status = child.wait().unwrap();
+    (status.code().unwrap_or(-1), reader.join().unwrap())
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn progress_bar_on_a_terminal_is_labelled_and_fits_50_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (code, screen) =
+        on_a_terminal(50, &[&"convert", &fixture("bart-awkward"), &"--tp", &"2", &"--out", &out, &"--verify"]);
+    assert_eq!(code, 0, "{screen}");
+    assert!(screen.contains("writing"), "a labelled bar: {screen:?}");
+    // Each drawn line, escape sequences removed, fits in 50 columns.
+    let plain: String = {
+        let mut s = String::new();
+        let mut chars = screen.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                // CSI: ESC [ params final-byte
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            s.push(c);
+        }
+        s
+    };
+    // (indicatif pads a line with spaces to the width, to overwrite the last one: never beyond it.)
+    for line in plain.split(['\r', '\n']) {
+        assert!(line.trim_end().chars().count() < 50, "{} columns: {line:?}", line.chars().count());
+        assert!(line.chars().count() <= 50, "{} columns: {line:?}", line.chars().count());
+    }
+    assert!(plain.contains("verifying") || plain.contains("forward check"), "{plain:?}");
+    // --quiet and --json: nothing on the terminal.
+    let (code, screen) =
+        on_a_terminal(50, &[&"convert", &fixture("bart-tiny"), &"--tp", &"2", &"--out", &out, &"--force", &"--quiet"]);
+    assert_eq!(code, 0);
+    assert!(screen.is_empty(), "{screen:?}");
+    let (code, screen) = on_a_terminal(50, &[&"verify", &fixture("bart-awkward"), &tmp.path().join("none"), &"--json"]);
+    assert_eq!(code, 2);
+    assert!(screen.starts_with("error: ") && !screen.contains("verifying"), "{screen:?}");
+}
