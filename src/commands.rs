@@ -25,6 +25,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
         }
         Command::Convert(a) => {
             // First, before any thread starts: every thread inherits the blocked signals.
+            reshard::write::interrupt::set_json_errors(a.source.json);
             if let Err(e) = reshard::write::interrupt::install() {
                 eprintln!("warning: SIGINT, SIGTERM and SIGHUP will not remove the staging directory: {e}");
             }
