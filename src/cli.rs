@@ -11,7 +11,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// `reshard --version` (`-V` prints the crate version alone): the crate version and the format versions this build reads and writes.
+/// `reshard --version` (`-V` prints the crate version alone): the crate version and the format
+/// versions this build reads and writes.
 static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "{}\nreads mapping files of format_version {} (mappings/README.md)\n\
@@ -57,9 +58,10 @@ pub fn usage_error(e: clap::Error) -> std::process::ExitCode {
             Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_string),
             _ => None,
         };
-        let message = e.kind().to_string();
-        let detail = e.render().to_string();
-        let message = detail.lines().next().map(|l| l.trim_start_matches("error: ").to_string()).unwrap_or(message);
+        // The first line of clap's message, without its `error: ` (the usage lines follow on stderr).
+        let rendered = e.render().to_string();
+        let message =
+            rendered.lines().next().map_or_else(|| e.kind().to_string(), |l| l.trim_start_matches("error: ").into());
         let f = Failure::other(
             reshard::exit_code::BAD_INPUT,
             format!("usage.{}", snake(&format!("{:?}", e.kind()))),
