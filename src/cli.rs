@@ -5,10 +5,73 @@ use std::path::PathBuf;
 
 /// Reshard Hugging Face encoder-decoder checkpoints into vLLM tensor-parallel shards.
 #[derive(Parser, Debug)]
-#[command(name = "reshard", version, about, long_about = None)]
+#[command(name = "reshard", version, long_version = VERSION.as_str(), about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `reshard --version` (`-V` prints the crate version alone): the crate version and the format
+/// versions this build reads and writes.
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{}\nreads mapping files of format_version {} (mappings/README.md)\n\
+         writes plan/manifest format_version {}, verify report {}, validate report {}, convert --json {}, \
+         --json error objects {}",
+        env!("CARGO_PKG_VERSION"),
+        reshard::mapping::FORMAT_VERSION,
+        reshard::plan::PLAN_FORMAT_VERSION,
+        reshard::verify::REPORT_FORMAT_VERSION,
+        reshard::gpu::REPORT_FORMAT_VERSION,
+        crate::output::CONVERT_FORMAT_VERSION,
+        reshard::failure::ERROR_FORMAT_VERSION,
+    )
+});
+
+impl Cli {
+    /// Whether the command asked for JSON on stdout (also for its error object).
+    pub fn json(&self) -> bool {
+        match &self.command {
+            Command::Plan(a) => a.source.json,
+            Command::Convert(a) => a.source.json,
+            Command::Verify(a) => a.json,
+            Command::Validate(a) => a.json,
+            Command::Completions { .. } | Command::Man => false,
+        }
+    }
+}
+
+/// A command-line error: clap's message on stderr and, when `--json` is among the arguments, its
+/// error object on stdout; exit 2 (help and `--version` print and exit 0).
+pub fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    use clap::error::{ContextKind, ContextValue};
+    use reshard::failure::{snake, Culprit, Failure};
+    if !e.use_stderr() {
+        return match e.print() {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(_) => std::process::ExitCode::from(reshard::exit_code::OUTPUT_FAILED),
+        };
+    }
+    if std::env::args_os().skip(1).any(|a| a == "--json") {
+        let key = match e.get(ContextKind::InvalidArg) {
+            // `--tp <TP>` -> `--tp`
+            Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_string),
+            _ => None,
+        };
+        // The first line of clap's message, without its `error: ` (the usage lines follow on stderr).
+        let rendered = e.render().to_string();
+        let message =
+            rendered.lines().next().map_or_else(|| e.kind().to_string(), |l| l.trim_start_matches("error: ").into());
+        let f = Failure::other(
+            reshard::exit_code::BAD_INPUT,
+            format!("usage.{}", snake(&format!("{:?}", e.kind()))),
+            message,
+            Culprit { key, ..Default::default() },
+        );
+        let _ = crate::output::print_json(&mut std::io::stdout().lock(), &f);
+    }
+    let _ = e.print();
+    std::process::ExitCode::from(reshard::exit_code::BAD_INPUT)
 }
 
 #[derive(Subcommand, Debug)]
@@ -23,6 +86,15 @@ pub enum Command {
     /// Run the cross-attention forward on a GPU, fused against split, with timings (needs a build
     /// with `--features cuda`; exit 3 without a GPU), or the same paths on the CPU (`--device cpu`).
     Validate(ValidateArgs),
+    /// Print a shell completion script on stdout (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout: `reshard man > reshard.1`.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +143,9 @@ pub struct ValidateArgs {
     /// Mapping file to use instead of the bundled one.
     #[arg(long)]
     pub mapping: Option<PathBuf>,
+    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
+    #[arg(long, requires = "mapping")]
+    pub force_mapping: bool,
 }
 
 /// Parses `all` or `1,3,5`.
@@ -98,6 +173,9 @@ pub struct VerifyArgs {
     /// Mapping file to use instead of the bundled one.
     #[arg(long)]
     pub mapping: Option<PathBuf>,
+    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
+    #[arg(long, requires = "mapping")]
+    pub force_mapping: bool,
     /// The target to verify against when OUT has no manifest (with one, the manifest's target
     /// is used): a target name or ENGINE==VERSION [default: the newest tested]
     #[arg(long, value_name = "TARGET")]
@@ -146,6 +224,9 @@ pub struct SourceArgs {
     /// Mapping file to use instead of the bundled one for the config's model_type.
     #[arg(long)]
     pub mapping: Option<PathBuf>,
+    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
+    #[arg(long, requires = "mapping")]
+    pub force_mapping: bool,
     /// Cap on tensor data per output file, e.g. 5GiB, 500MB, 1048576.
     #[arg(long, default_value = "5GiB", value_parser = parse_size)]
     pub max_part_size: u64,
@@ -208,24 +289,41 @@ pub struct ConvertArgs {
     pub check: CheckArgs,
 }
 
-/// Parses a byte size with an optional unit (B, KB, MB, GB, KiB, MiB, GiB, TiB).
+/// Parses a byte size with an optional unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB); the number may
+/// have a decimal fraction (`1.5GB`, `0.5GiB`), rounded down to whole bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size like 5GiB or 1048576"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1_000,
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
         "kib" | "k" => 1 << 10,
         "mib" | "m" => 1 << 20,
         "gib" | "g" => 1 << 30,
         "tib" | "t" => 1 << 40,
-        _ => return Err(format!("unknown unit in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB or TiB)")),
+        u => return Err(format!("unknown unit `{u}` in `{s}` (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")),
     };
-    let v = n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))?;
+    let bad = || format!("`{s}` is not a size like 5GiB, 1.5GB or 1048576");
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() && frac.is_empty() || frac.contains('.') {
+        return Err(bad());
+    }
+    let whole: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
+    let too_large = || format!("`{s}` is too large");
+    let mut v = whole.checked_mul(mult).ok_or_else(too_large)?;
+    // The fraction in exact integer arithmetic: digits * mult / 10^len, rounded down.
+    if !frac.is_empty() {
+        if frac.len() > 18 {
+            return Err(format!("`{s}`: at most 18 decimal places"));
+        }
+        let digits: u128 = frac.parse().map_err(|_| bad())?;
+        let part = digits * mult as u128 / 10u128.pow(frac.len() as u32);
+        v = v.checked_add(part as u64).ok_or_else(too_large)?;
+    }
     if v == 0 {
         return Err("must be at least 1 byte".into());
     }
@@ -241,11 +339,20 @@ impl ValidateArgs {
         let a = self;
         let layers = parse_layers(&a.layers).map_err(GpuError::Setup)?;
         let input = match (a.shape.as_deref().and_then(Preset::parse), a.source, a.out) {
+            // Checked here, before any GPU is looked for: a bad argument is exit 2 in every build.
+            (Some(preset), _, _) if !preset.valid_tp(a.tp as usize) => {
+                return Err(GpuError::Setup(format!(
+                    "--tp {} does not fit {} (heads and kv heads must divide or replicate evenly)",
+                    a.tp,
+                    preset.name()
+                ))
+                .into())
+            }
             (Some(preset), _, _) => {
                 ValidateInput::Synthetic { preset, tp: a.tp as usize, head_dim: a.head_dim.map(|h| h as usize) }
             }
             (None, Some(input), Some(out)) => ValidateInput::Checkpoint {
-                src: reshard::Source { input, config: a.config, mapping: a.mapping },
+                src: reshard::Source { input, config: a.config, mapping: a.mapping, force_mapping: a.force_mapping },
                 out,
                 layers,
             },
@@ -277,5 +384,12 @@ mod tests {
         assert!(parse_size("0").is_err());
         assert!(parse_size("5 parsecs").is_err());
         assert!(parse_size("99999999999999999999").is_err());
+        assert_eq!(parse_size("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_size("0.5GiB"), Ok(1 << 29));
+        assert_eq!(parse_size("1.5"), Ok(1));
+        assert!(parse_size("1.2.3GB").is_err());
+        assert!(parse_size(".GB").is_err());
+        assert!(parse_size("0.1B").is_err());
+        assert!(parse_size("5 parsecs").unwrap_err().contains("`parsecs`"));
     }
 }

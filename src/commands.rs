@@ -4,9 +4,15 @@ use crate::cli::{Cli, Command, ConvertArgs, SourceArgs};
 use crate::output;
 use reshard::{exit_code, write::WriteOptions, Error, Source};
 use std::io::{IsTerminal, Write};
+use std::sync::Arc;
 
 fn source(a: &SourceArgs) -> Source {
-    Source { input: a.input.clone(), config: a.config.clone(), mapping: a.mapping.clone() }
+    Source {
+        input: a.input.clone(),
+        config: a.config.clone(),
+        mapping: a.mapping.clone(),
+        force_mapping: a.force_mapping,
+    }
 }
 
 /// Runs a command: the result of printing to stdout, and the exit code when it went through.
@@ -19,6 +25,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
         }
         Command::Convert(a) => {
             // First, before any thread starts: every thread inherits the blocked signals.
+            reshard::write::interrupt::set_json_errors(a.source.json);
             if let Err(e) = reshard::write::interrupt::install() {
                 eprintln!("warning: SIGINT, SIGTERM and SIGHUP will not remove the staging directory: {e}");
             }
@@ -28,9 +35,14 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
             result
         }
         Command::Validate(a) => {
-            let job = a.job()?;
-            let json = job.1;
-            let report = reshard::gpu::run(&job.0)?;
+            let (job, json) = a.job()?;
+            // The arguments before the GPU: a bad SOURCE or OUT is exit 2 in every build, with or
+            // without a GPU (issue #17).
+            if let reshard::gpu::ValidateInput::Checkpoint { src, out, .. } = &job.input {
+                src.load()?;
+                reshard::verify::open_output(out)?;
+            }
+            let report = reshard::gpu::run(&job)?;
             let printed = if json { output::print_json(out, &report) } else { output::print_validate(out, &report) };
             if !report.ok {
                 eprintln!("error: validation on {} failed: a result is outside its tolerance", report.device);
@@ -38,38 +50,51 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
             Ok((printed, if report.ok { exit_code::OK } else { exit_code::CHECK_FAILED }))
         }
         Command::Verify(a) => {
-            let src = Source { input: a.source, config: a.config, mapping: a.mapping };
-            let opts = reshard::verify::VerifyOptions { target: a.target, ..a.check.options() };
-            let report = reshard::verify::verify(&src, &a.out, &opts)?;
+            let src = Source { input: a.source, config: a.config, mapping: a.mapping, force_mapping: a.force_mapping };
+            let bar =
+                Arc::new(output::Bar::new(output::progress_enabled(std::io::stderr().is_terminal(), false, a.json)));
+            let progress = reshard::progress::Progress::new(bar.clone());
+            let opts = reshard::verify::VerifyOptions { target: a.target, progress, ..a.check.options() };
+            let report = reshard::verify::verify(&src, &a.out, &opts);
+            bar.finish();
+            let report = report?;
             let printed = if a.json { output::print_json(out, &report) } else { output::print_verify(out, &report) };
             if !report.ok {
                 eprintln!("error: verification failed: {} finding(s)", report.findings.len());
             }
             Ok((printed, if report.ok { exit_code::OK } else { exit_code::CHECK_FAILED }))
         }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "reshard", &mut buf);
+            Ok((out.write_all(&buf), exit_code::OK))
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            let rendered = clap_mangen::Man::new(cmd).render(&mut buf);
+            Ok((rendered.and_then(|()| out.write_all(&buf)), exit_code::OK))
+        }
     }
 }
 
 /// `convert`: writes the shards (with signal handling installed by the caller).
 fn convert(a: &ConvertArgs, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Error> {
+    use reshard::progress::{Sink, Unit};
     let s = &a.source;
-    let bar = indicatif::ProgressBar::new(0);
-    if !output::progress_enabled(std::io::stderr().is_terminal(), a.quiet, s.json) {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .expect("static template"),
-    );
+    let bar = Arc::new(output::Bar::new(output::progress_enabled(std::io::stderr().is_terminal(), a.quiet, s.json)));
     let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n), fsync: !a.no_fsync };
     let (meta, plan) = reshard::make_plan(&source(s), &s.plan_options())?;
-    bar.set_length(plan.output_bytes());
-    let vopts = a.check.options();
+    bar.start("writing", plan.output_bytes(), Unit::Bytes);
+    let vopts =
+        reshard::verify::VerifyOptions { progress: reshard::progress::Progress::new(bar.clone()), ..a.check.options() };
     let src = source(s);
-    let (summary, report) = reshard::execute(meta, &plan, &opts, a.verify.then_some((&src, &vopts)))?;
-    bar.finish_and_clear();
+    let result = reshard::execute(meta, &plan, &opts, a.verify.then_some((&src, &vopts)));
+    bar.finish();
+    let (summary, report) = result?;
     let printed = if s.json {
-        output::print_json(out, &serde_json::json!({"written": summary, "target": plan.target, "verify": report}))
+        output::print_json(out, &output::convert_json(&plan, &summary, report.as_ref()))
     } else {
         output::print_written(out, &plan, &summary, report.as_ref())
     };

@@ -22,10 +22,12 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod exit_code;
+pub mod failure;
 pub mod gpu;
 pub mod input;
 pub mod mapping;
 pub mod plan;
+pub mod progress;
 pub mod text;
 pub mod verify;
 pub mod write;
@@ -65,6 +67,8 @@ impl Error {
             Error::Write(_) => exit_code::OUTPUT_FAILED,
             Error::Verify(_) => exit_code::BAD_INPUT,
             Error::VerifyFailed(_) => exit_code::CHECK_FAILED,
+            // A bad `--layers`, `--tp` for `--shape`, or a layer without cross-attention.
+            Error::Gpu(gpu::GpuError::Setup(_)) => exit_code::BAD_INPUT,
             Error::Gpu(_) => exit_code::GPU_UNAVAILABLE,
         }
     }
@@ -79,19 +83,28 @@ pub struct Source {
     pub config: Option<PathBuf>,
     /// Explicit mapping file; by default the bundled one matching `model_type`.
     pub mapping: Option<PathBuf>,
+    /// Use [`Source::mapping`] even when its `model_types` does not list config.json's
+    /// `model_type` (`--force-mapping`).
+    pub force_mapping: bool,
 }
 
 impl Source {
     /// A checkpoint directory with its own config.json and the bundled mapping.
     pub fn new(input: impl AsRef<Path>) -> Source {
-        Source { input: input.as_ref().to_owned(), config: None, mapping: None }
+        Source { input: input.as_ref().to_owned(), config: None, mapping: None, force_mapping: false }
     }
 
     /// Reads the checkpoint's headers and picks or loads the mapping.
     pub fn load(&self) -> Result<(CheckpointMeta, Mapping), Error> {
         let meta = CheckpointMeta::read(&self.input, self.config.as_deref())?;
         let mapping = match &self.mapping {
-            Some(p) => Mapping::load(p)?,
+            Some(p) => {
+                let m = Mapping::load(p)?;
+                if !self.force_mapping {
+                    m.check_family(p, &meta.config, &text::qp(&meta.config_path))?;
+                }
+                m
+            }
             None => Mapping::detect(&meta.config, &text::qp(&meta.config_path))?,
         };
         Ok((meta, mapping))

@@ -7,10 +7,15 @@ mod output;
 use clap::Parser;
 use cli::Cli;
 use reshard::exit_code;
+use reshard::failure::Failure;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return cli::usage_error(e),
+    };
+    let json = cli.json();
     let stdout = std::io::stdout();
     let result = commands::run(cli, &mut stdout.lock());
     if std::env::var_os("RESHARD_CRASH_COUNT").is_some() {
@@ -26,6 +31,10 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
+            if json {
+                // Best effort: the error is already on stderr.
+                let _ = output::print_json(&mut stdout.lock(), &Failure::new(&e));
+            }
             ExitCode::from(e.exit_code())
         }
     }

@@ -1,6 +1,7 @@
 //! Human and JSON reports on stdout, the progress bar on stderr.
 
 use reshard::plan::{Piece, ShardPlan};
+use reshard::progress::{Sink, Unit};
 use reshard::text::{q, shape};
 use reshard::verify::VerifyReport;
 use reshard::write::WriteSummary;
@@ -10,6 +11,82 @@ use std::io::{self, Write};
 /// Whether to draw a progress bar: only for a terminal, and not with `--quiet` or `--json`.
 pub fn progress_enabled(stderr_is_terminal: bool, quiet: bool, json: bool) -> bool {
     stderr_is_terminal && !quiet && !json
+}
+
+/// The bar template of a phase for a terminal `width` columns wide: the label, the bar and as
+/// many of the counts, the rate and the eta as fit, so that the line never wraps.
+pub fn bar_template(label: &str, unit: Unit, width: usize) -> String {
+    // Widest rendering of each field ("1023.9 MiB/1023.9 MiB", "1023.9 MiB/s", "eta 59m").
+    let (count, count_w) = match unit {
+        Unit::Bytes => ("{bytes}/{total_bytes}", 21),
+        Unit::Items => ("{pos}/{len}", 9),
+    };
+    let mut fields: Vec<(&str, usize)> = vec![(count, count_w)];
+    if unit == Unit::Bytes {
+        fields.push(("{binary_bytes_per_sec}", 12));
+    }
+    fields.push(("eta {eta}", 7));
+    // One column is kept free: a line that fills the last column wraps on some terminals.
+    let room = |fields: &[(&str, usize)]| {
+        width.saturating_sub(1 + label.len() + 1 + fields.iter().map(|(_, w)| w + 1).sum::<usize>())
+    };
+    while room(&fields) < MIN_BAR && fields.len() > 1 {
+        // The rate goes first, then the eta; the count stays.
+        let drop = if fields.len() == 3 { 1 } else { fields.len() - 1 };
+        fields.remove(drop);
+    }
+    let bar = room(&fields).min(MAX_BAR);
+    let mut t = format!("{label} {{bar:{bar}}}");
+    for (f, _) in &fields {
+        t.push(' ');
+        t.push_str(f);
+    }
+    t
+}
+
+const MIN_BAR: usize = 10;
+const MAX_BAR: usize = 40;
+
+/// The progress bar of a command on stderr: one bar, restarted for each phase with its label
+/// (a hidden bar when [`progress_enabled`] says no).
+pub struct Bar {
+    bar: indicatif::ProgressBar,
+    width: usize,
+}
+
+impl Bar {
+    /// A bar drawn on stderr when `enabled`.
+    pub fn new(enabled: bool) -> Bar {
+        let target =
+            if enabled { indicatif::ProgressDrawTarget::stderr() } else { indicatif::ProgressDrawTarget::hidden() };
+        let width = console::Term::stderr().size_checked().map_or(80, |(_, cols)| usize::from(cols));
+        // Styled before it can draw: until the first phase starts, reading the checkpoint's
+        // headers and the mapping.
+        let bar = Bar { bar: indicatif::ProgressBar::hidden(), width };
+        bar.start("reading", 0, Unit::Items);
+        bar.bar.set_draw_target(target);
+        bar
+    }
+
+    /// Clears the bar off the terminal.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+impl Sink for Bar {
+    fn start(&self, label: &str, total: u64, unit: Unit) {
+        // The style first: a reset redraws, and must not draw the old phase's label.
+        if let Ok(style) = indicatif::ProgressStyle::with_template(&bar_template(label, unit, self.width)) {
+            self.bar.set_style(style);
+        }
+        self.bar.set_length(total);
+        self.bar.reset();
+    }
+
+    fn inc(&self, n: u64) {
+        self.bar.inc(n);
+    }
 }
 
 /// Human-readable byte count.
@@ -233,15 +310,52 @@ pub fn print_written(
     }
     writeln!(w, "  manifest: {}", reshard::write::MANIFEST_NAME)?;
     if let Some(r) = verified {
-        writeln!(
-            w,
-            "verified: {} tensors, {} compared, {} cross-attention layer(s) within tolerance",
-            r.tensors_checked,
-            bytes(r.bytes_compared),
-            r.forward.len()
-        )?;
+        write!(w, "verified: {} tensors, {} compared", r.tensors_checked, bytes(r.bytes_compared))?;
+        let checked = r.forward.iter().filter(|l| l.skipped.is_none()).count();
+        let skipped = r.forward.len() - checked;
+        match (r.forward.is_empty(), skipped) {
+            (true, _) => writeln!(w, "; cross-attention forward not checked")?,
+            (false, 0) => writeln!(w, ", {checked} cross-attention layer(s) within tolerance")?,
+            (false, _) => {
+                writeln!(w, ", {checked} cross-attention layer(s) within tolerance, {skipped} skipped (not float)")?
+            }
+        }
     }
     Ok(())
+}
+
+/// Version of the `convert --json` document's fields.
+pub const CONVERT_FORMAT_VERSION: u32 = 1;
+
+/// The `convert --json` document: what was written, every path absolute.
+pub fn convert_json(plan: &ShardPlan, s: &WriteSummary, verified: Option<&VerifyReport>) -> serde_json::Value {
+    use reshard::failure::abs;
+    let out = abs(&s.out);
+    let files: Vec<serde_json::Value> = s
+        .files
+        .iter()
+        .map(|f| {
+            let mut v = serde_json::to_value(f).unwrap_or_default();
+            v["path"] = abs(&s.out.join(&f.name)).into();
+            v
+        })
+        .collect();
+    serde_json::json!({
+        "format_version": CONVERT_FORMAT_VERSION,
+        "ok": true,
+        "family": plan.family,
+        "tp": plan.tp,
+        "out": out,
+        "manifest": abs(&s.out.join(reshard::write::MANIFEST_NAME)),
+        "written": {
+            "out": out,
+            "files": files,
+            "copied": s.copied,
+            "bytes": s.bytes,
+        },
+        "target": plan.target,
+        "verify": verified,
+    })
 }
 
 /// Writes a value as JSON and a newline.
@@ -260,6 +374,37 @@ mod tests {
         assert!(!progress_enabled(false, false, false));
         assert!(!progress_enabled(true, true, false));
         assert!(!progress_enabled(true, false, true));
+    }
+
+    #[test]
+    fn bar_fits_the_terminal() {
+        for unit in [Unit::Bytes, Unit::Items] {
+            for width in 0..200 {
+                let t = bar_template("forward check", unit, width);
+                // The longest line the template can draw, each field at its widest.
+                let bar: usize = t
+                    .split("{bar:")
+                    .nth(1)
+                    .and_then(|r| r.split('}').next())
+                    .and_then(|n| n.parse().ok())
+                    .expect("a bar");
+                let widest = t
+                    .replace(&format!("{{bar:{bar}}}"), &"#".repeat(bar))
+                    .replace("{bytes}/{total_bytes}", &"x".repeat(21))
+                    .replace("{binary_bytes_per_sec}", &"x".repeat(12))
+                    .replace("{pos}/{len}", &"x".repeat(9))
+                    .replace("{eta}", "59m");
+                // Only a terminal too narrow for the label and the count gets no bar, and wraps.
+                assert!(widest.len() < width || bar == 0, "{width}: {widest}");
+                if width >= 50 {
+                    assert!(bar >= MIN_BAR, "{width}: {t}");
+                }
+                assert!(bar <= MAX_BAR);
+            }
+        }
+        assert!(bar_template("writing", Unit::Bytes, 120).contains("{binary_bytes_per_sec}"));
+        let narrow = bar_template("writing", Unit::Bytes, 50);
+        assert!(!narrow.contains("per_sec") && narrow.contains("{total_bytes}"), "{narrow}");
     }
 
     #[test]

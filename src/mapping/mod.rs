@@ -25,12 +25,9 @@ pub const MAX_CONSTANT_BYTES: usize = 1 << 20;
 /// The mapping format version this build reads.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// The mapping files compiled into the binary: (file name, contents).
-pub const BUILTIN: &[(&str, &str)] = &[
-    ("bart.json", include_str!("../../mappings/bart.json")),
-    ("whisper.json", include_str!("../../mappings/whisper.json")),
-    ("mllama.json", include_str!("../../mappings/mllama.json")),
-];
+/// The mapping files compiled into the binary: (file name, contents), in name order: every
+/// `mappings/*.json` (build.rs lists them, so a new family needs no Rust).
+pub const BUILTIN: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/builtin_mappings.rs"));
 
 /// Errors loading or checking a mapping file.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +48,11 @@ pub enum MappingError {
         "{config} has no string `model_type`, so the model family cannot be detected\n(hint: pass --mapping FILE)"
     )]
     NoModelType { config: String },
+    #[error(
+        "mapping {} is for model_type {} but {config} has model_type {}\n(hint: pass --force-mapping to use it anyway, e.g. for a derived model with the same layout)",
+        crate::text::qp(path), model_types.iter().map(|t| q(t).to_string()).collect::<Vec<_>>().join(" or "), q(model_type)
+    )]
+    WrongFamily { path: PathBuf, model_types: Vec<String>, model_type: String, config: String },
 }
 
 /// How a dimension is obtained.
@@ -554,6 +556,25 @@ impl Mapping {
             config: config_label.to_string(),
             known: known.join(", "),
         })
+    }
+
+    /// Refuses a mapping file whose `model_types` does not list config.json's `model_type` (a
+    /// config without one is left to the mapping's own checks).
+    pub fn check_family(
+        &self,
+        path: &Path,
+        config: &serde_json::Value,
+        config_label: &str,
+    ) -> Result<(), MappingError> {
+        match config.get("model_type").and_then(|v| v.as_str()) {
+            Some(mt) if !self.file.model_types.iter().any(|t| t == mt) => Err(MappingError::WrongFamily {
+                path: path.to_owned(),
+                model_types: self.file.model_types.clone(),
+                model_type: mt.to_string(),
+                config: config_label.to_string(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Parses and checks mapping text; `origin` names it in errors.

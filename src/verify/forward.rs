@@ -564,7 +564,9 @@ pub fn check_all(
     let s = shape(src, mapping, dims)?;
     let spec = mapping.file.cross_attention.as_ref().expect("caller checked");
     let mut out = Vec::new();
-    for layer in layers(src, mapping) {
+    let all = layers(src, mapping);
+    opts.progress.start("forward check", all.len() as u64, crate::progress::Unit::Items);
+    for layer in all {
         let module = spec.source.q.rsplit_once('.').map(|(m, _)| m).unwrap_or(&spec.source.q);
         let module = module.rsplit_once('.').map(|(m, _)| m).unwrap_or(module);
         let (src_attn, shard_attn) = (names(&spec.source, layer), names(&spec.shards, layer));
@@ -599,6 +601,7 @@ pub fn check_all(
             check.skipped =
                 Some(format!("{why}; the forward check computes float weights only (its bytes were compared)"));
             out.push(check);
+            opts.progress.inc(1);
             continue;
         }
         let enc_dim = mat(src, Some(mapping), &render(spec.source.k.as_deref().unwrap_or_default(), layer))?.cols;
@@ -624,6 +627,7 @@ pub fn check_all(
         check.passed =
             check.non_finite_reference == 0 && check.non_finite_shards == 0 && check.max_rel_err <= tolerance;
         out.push(check);
+        opts.progress.inc(1);
     }
     Ok(out)
 }

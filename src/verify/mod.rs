@@ -112,11 +112,20 @@ pub struct VerifyOptions {
     pub seed: u64,
     /// The target to verify against when the output has no manifest (`None`: the default).
     pub target: Option<String>,
+    /// Where to report the byte comparison and the forward check as they go.
+    pub progress: crate::progress::Progress,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
-        VerifyOptions { forward: true, tokens: 8, source_tokens: 12, seed: 0x5eed, target: None }
+        VerifyOptions {
+            forward: true,
+            tokens: 8,
+            source_tokens: 12,
+            seed: 0x5eed,
+            target: None,
+            progress: Default::default(),
+        }
     }
 }
 
@@ -331,8 +340,11 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
     findings.extend(check_aliases(&ckpt, &plan));
     findings.extend(check_coverage(&ckpt.meta, &plan));
     let empty = Vec::new();
-    let per_rank: Vec<RankResult> =
-        (0..tp).into_par_iter().map(|r| check_rank(&ckpt, &plan, out, r, ranks.get(&r).unwrap_or(&empty))).collect();
+    opts.progress.start("verifying", plan.output_bytes(), crate::progress::Unit::Bytes);
+    let per_rank: Vec<RankResult> = (0..tp)
+        .into_par_iter()
+        .map(|r| check_rank(&ckpt, &plan, out, r, ranks.get(&r).unwrap_or(&empty), &opts.progress))
+        .collect();
     let (mut files, mut tensors, mut bytes) = (0, 0, 0);
     let mut shards = Vec::with_capacity(tp);
     for rr in per_rank {
@@ -474,7 +486,14 @@ struct RankResult {
     shard: Option<Checkpoint>,
 }
 
-fn check_rank(ckpt: &Checkpoint, plan: &ShardPlan, out: &Path, rank: usize, parts: &[(usize, String)]) -> RankResult {
+fn check_rank(
+    ckpt: &Checkpoint,
+    plan: &ShardPlan,
+    out: &Path,
+    rank: usize,
+    parts: &[(usize, String)],
+    progress: &crate::progress::Progress,
+) -> RankResult {
     let mut rr = RankResult { files: parts.len(), tensors: 0, bytes: 0, findings: Vec::new(), shard: None };
     let names: Vec<String> = parts.iter().map(|(_, n)| n.clone()).collect();
     if names.is_empty() {
@@ -523,6 +542,7 @@ fn check_rank(ckpt: &Checkpoint, plan: &ShardPlan, out: &Path, rank: usize, part
         if let Some(f) = compare_tensor(ckpt, t, got) {
             rr.findings.push(Finding { rank: Some(rank), file: Some(shard.meta.files[info.file].name.clone()), ..f });
         }
+        progress.inc(t.nbytes);
     }
     for name in shard.meta.tensors.keys() {
         if !planned.iter().any(|t| &t.name == name) {

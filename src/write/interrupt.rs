@@ -19,7 +19,7 @@ use crate::text::qp;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Where a run is, as far as the disk is concerned.
@@ -54,6 +54,14 @@ static CLAIMS: Mutex<BTreeMap<u64, Claim>> = Mutex::new(BTreeMap::new());
 static NEXT_TICKET: AtomicU64 = AtomicU64::new(0);
 /// The signal being handled (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Whether a signal also prints its `--json` error object on stdout.
+static JSON_ERRORS: AtomicBool = AtomicBool::new(false);
+
+/// For `--json`: a conversion ended by a signal also prints its error object
+/// ([`crate::failure::Failure`], kind `signal.sigint` and so on) on stdout.
+pub fn set_json_errors(on: bool) {
+    JSON_ERRORS.store(on, Ordering::SeqCst);
+}
 
 fn claims() -> MutexGuard<'static, BTreeMap<u64, Claim>> {
     CLAIMS.lock().unwrap_or_else(|e| e.into_inner())
@@ -205,6 +213,27 @@ fn on_signal(sig: i32) -> ! {
         let _ = writeln!(err); // off the progress bar's line
     }
     let _ = writeln!(err, "{message}");
+    if JSON_ERRORS.load(Ordering::SeqCst) {
+        let f = crate::failure::Failure::other(
+            u8::try_from(code).unwrap_or(u8::MAX),
+            format!("signal.{}", signal_name(sig).to_ascii_lowercase()),
+            message,
+            Default::default(),
+        );
+        if let Ok(mut text) = serde_json::to_string_pretty(&f) {
+            text.push('\n');
+            // Straight to descriptor 1: the main thread may hold the lock of `std::io::stdout()`.
+            let mut rest = text.as_bytes();
+            while !rest.is_empty() {
+                // SAFETY: writes from a valid buffer of that length; descriptor 1 is only written.
+                let n = unsafe { libc::write(1, rest.as_ptr().cast(), rest.len()) };
+                match usize::try_from(n) {
+                    Ok(n) if n > 0 => rest = &rest[n.min(rest.len())..],
+                    _ => break,
+                }
+            }
+        }
+    }
     // SAFETY: ends the process at once; nothing of ours needs to run after this.
     unsafe { libc::_exit(code) }
 }

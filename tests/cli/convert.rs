@@ -63,6 +63,21 @@ fn bart_mixed_heads_every_tp() {
 }
 
 #[test]
+fn mbart_tiny_every_tp() {
+    // Issue #17: a family added as one mapping file. BART's layout plus the final layer norms,
+    // replicated; no engine target, so no engine buffers.
+    assert_eq!(valid_tps("mbart-tiny"), [1, 2, 4]);
+    for tp in [1, 2, 4] {
+        check("mbart-tiny", tp, contract::bart_weights, &[]);
+    }
+    let r = reshard(&[&"plan", &fixture("mbart-tiny"), &"--tp", &"2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("family mbart (built-in mbart.json)"), "{}", r.stdout);
+    assert!(r.stdout.contains("target: none. No vLLM target."), "{}", r.stdout);
+    assert!(r.stdout.contains("`model.decoder.layer_norm.weight`"), "{}", r.stdout);
+}
+
+#[test]
 fn copies_non_weight_files_and_writes_a_manifest() {
     let tmp = check("bart-tiny", 2, contract::bart, &[]);
     let out = tmp.path().join("out");

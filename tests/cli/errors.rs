@@ -55,7 +55,7 @@ fn unclaimed_tensor_and_unknown_family() {
         "{}",
         r.stderr
     );
-    // A whisper mapping on a BART checkpoint: tensors nobody claims.
+    // A whisper mapping forced on a BART checkpoint: tensors nobody claims.
     let r = reshard(&[
         &"plan",
         &fixture("bart-tiny"),
@@ -63,6 +63,7 @@ fn unclaimed_tensor_and_unknown_family() {
         &"1",
         &"--mapping",
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/whisper.json"),
+        &"--force-mapping",
     ]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("claimed by no rule"), "{}", r.stderr);

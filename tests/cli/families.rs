@@ -15,6 +15,19 @@ fn whisper_every_tp() {
 }
 
 #[test]
+fn whisper_smaller_decoder_fixtures_every_tp() {
+    // Issue #17: large-v3-turbo and distil-whisper shapes (fewer decoder than encoder layers, 128
+    // mel bins), from the real transformers class; the bundled whisper.json as it is.
+    for (name, decoder_layers) in [("whisper-turbo-tiny", 4), ("whisper-distil-tiny", 2)] {
+        assert_eq!(uint(&config(&fixture(name)), "decoder_layers"), decoder_layers);
+        assert_eq!(valid_tps(name), [1, 2, 4]);
+        for tp in [1, 2, 4] {
+            check(name, tp, contract::whisper, &[]);
+        }
+    }
+}
+
+#[test]
 fn whisper_k_bias_is_synthesized_as_zeros() {
     let tmp = check("whisper-tiny", 2, contract::whisper, &[]);
     let rank1 = read_rank(&tmp.path().join("out"), 1);
@@ -150,4 +163,110 @@ fn single_file_with_config() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let want = contract::whisper(&read_checkpoint(&fixture("whisper-tiny")), &config(&fixture("whisper-tiny")), 2);
     assert_rank_eq("single file", 1, &read_rank(&out, 1), &want[1]);
+}
+
+/// A Whisper-large-v3-shaped checkpoint with `decoder_layers` decoder layers, float16, its data a
+/// sparse hole (plan reads headers only): the tensor list of whisper-tiny with each layer repeated
+/// and every dim at its real size.
+fn whisper_large(dir: &Path, decoder_layers: usize, config_decoder_layers: usize) {
+    // openai/whisper-large-v3's config.json (the keys the mapping reads); openai/whisper-large-v3-turbo
+    // has the same with decoder_layers 4, distil-whisper/distil-large-v3 with decoder_layers 2.
+    let cfg = serde_json::json!({
+        "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper", "d_model": 1280,
+        "encoder_attention_heads": 20, "decoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+        "decoder_ffn_dim": 5120, "encoder_layers": 32, "decoder_layers": config_decoder_layers,
+        "max_source_positions": 1500, "max_target_positions": 448, "num_mel_bins": 128, "vocab_size": 51866,
+        "torch_dtype": "float16"
+    });
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let real = |d: usize| match d {
+        32 => 1280,
+        64 => 5120,
+        211 => 51866,
+        8 => 128,
+        16 => 1500,
+        24 => 448,
+        d => d,
+    };
+    let list = fs::read_to_string(fixture("whisper-tiny.tensors.txt")).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>)> = Vec::new();
+    for line in list.lines() {
+        let (name, rest) = line.split_once(' ').unwrap();
+        let shape: Vec<usize> =
+            rest.split(['[', ']', ',']).filter_map(|d| d.trim().parse().ok()).map(real).collect::<Vec<_>>();
+        if name.contains(".layers.0.") {
+            let n = if name.starts_with("model.decoder.") { decoder_layers } else { 32 };
+            for i in 0..n {
+                tensors.push((name.replace(".layers.0.", &format!(".layers.{i}.")), shape.clone()));
+            }
+        } else if !name.contains(".layers.") {
+            tensors.push((name.to_string(), shape));
+        }
+    }
+    let mut header = serde_json::Map::new();
+    let mut off = 0u64;
+    for (name, shape) in &tensors {
+        let n = shape.iter().product::<usize>() as u64 * 2;
+        header
+            .insert(name.clone(), serde_json::json!({"dtype": "F16", "shape": shape, "data_offsets": [off, off + n]}));
+        off += n;
+    }
+    let mut h = serde_json::Value::Object(header).to_string();
+    while h.len() % 8 != 0 {
+        h.push(' ');
+    }
+    let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(h.as_bytes());
+    let path = dir.join("model.safetensors");
+    fs::write(&path, &bytes).unwrap();
+    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(bytes.len() as u64 + off).unwrap();
+}
+
+#[test]
+fn whisper_smaller_decoder_variants_with_their_real_configs() {
+    // Issue #17: large-v3-turbo (4 decoder layers) and distil-large-v3 (2) need no mapping of
+    // their own: whisper.json takes its layer counts from config.json.
+    let tmp = tempfile::tempdir().unwrap();
+    for (variant, layers) in [("large-v3-turbo", 4), ("distil-large-v3", 2)] {
+        let src = tmp.path().join(variant);
+        whisper_large(&src, layers, layers);
+        let r = reshard(&[&"plan", &src, &"--tp", &"4", &"--json"]);
+        assert_eq!(r.code, 0, "{variant}: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["family"], "whisper");
+        let names: Vec<&str> = v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["rank"] == 0)
+            .flat_map(|f| f["tensors"].as_array().unwrap())
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        let last = format!("model.decoder.layers.{}.encoder_attn.kv_proj.weight", layers - 1);
+        let kv = v["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|f| f["tensors"].as_array().unwrap())
+            .find(|t| t["name"] == last.as_str())
+            .unwrap_or_else(|| panic!("{variant}: {last} in the plan"));
+        // 20 heads of 64 over 4 ranks: 5 heads of k and 5 of v per rank.
+        assert_eq!(kv["shape"], serde_json::json!([640, 1280]), "{variant}");
+        assert!(!names.iter().any(|n| n.starts_with(&format!("model.decoder.layers.{layers}."))), "{variant}");
+        assert_eq!(
+            names.iter().filter(|n| n.starts_with("model.encoder.layers.") && n.ends_with("fc1.weight")).count(),
+            32
+        );
+        // 20 heads: tp 8 does not divide.
+        let r = reshard(&[&"plan", &src, &"--tp", &"8"]);
+        assert_eq!(r.code, 2, "{variant}: {}", r.stderr);
+        assert!(r.stderr.contains("valid tp values: 1, 2, 4, 5, 10, 20"), "{variant}: {}", r.stderr);
+    }
+    // A config that says 32 decoder layers on turbo's tensors is refused with both counts.
+    let src = tmp.path().join("mismatch");
+    whisper_large(&src, 4, 32);
+    let r = reshard(&[&"plan", &src, &"--tp", &"2"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("decoder_layers"), "{}", r.stderr);
 }

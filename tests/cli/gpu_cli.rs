@@ -130,12 +130,12 @@ fn validate_on_cpu_real_shapes_at_reduced_size() {
             }
         }
     }
-    // An invalid tp is a clear setup error, not a run.
+    // An invalid tp or head size is bad input (exit 2), said before any run.
     let r = reshard(&[&"validate", &"--device", &"cpu", &"--shape", &"whisper-large", &"--tp", &"8"]);
-    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("does not fit"), "{}", r.stderr);
     let r = reshard(&[&"validate", &"--device", &"cpu", &"--shape", &"bart-large", &"--head-dim", &"65"]);
-    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("from 1 to 64"), "{}", r.stderr);
     let r = reshard(&[&"validate", &"--device", &"tpu", &"--shape", &"bart-large"]);
     assert_eq!(r.code, 2, "{}", r.stderr);

@@ -8,6 +8,7 @@ mod discovery;
 mod dtypes;
 mod errors;
 mod families;
+mod frontdoor;
 mod gpu_cli;
 mod hostile;
 mod plan;

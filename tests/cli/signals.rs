@@ -147,3 +147,19 @@ fn issue14_an_ignored_sighup_stays_ignored() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(verifies(&src, &out));
 }
+
+#[test]
+fn issue17_a_signal_under_json_prints_the_error_object() {
+    let src = fixture("bart-awkward");
+    let (_tmp, out) = scratch_out();
+    let total = count_steps(convert_cmd(&src, &out, 2, &["--json"], &[]));
+    std::fs::remove_dir_all(&out).unwrap();
+    let (run, _) = paused_at(convert_cmd(&src, &out, 2, &["--json"], &[]), total / 2);
+    run.signal(libc::SIGINT);
+    let r = run.finish();
+    assert_eq!(r.code, 130, "{}", r.stderr);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));
+    assert_eq!((v["ok"].as_bool(), v["exit_code"].as_u64()), (Some(false), Some(130)), "{v:#}");
+    assert_eq!(v["kind"], "signal.sigint", "{v:#}");
+    assert!(r.stderr.contains(v["message"].as_str().unwrap()), "{}", r.stderr);
+}

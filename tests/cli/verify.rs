@@ -55,7 +55,10 @@ fn verify_passes_on_every_fixture() {
         ("bart-awkward", 3),
         ("bart-mixed-heads", 2),
         ("bart-legacy", 2),
+        ("mbart-tiny", 4),
         ("whisper-tiny", 2),
+        ("whisper-turbo-tiny", 4),
+        ("whisper-distil-tiny", 2),
         ("mllama-gqa", 8),
         ("mllama-awkward", 6),
         ("mllama-sharded", 4),
@@ -262,8 +265,15 @@ fn goldens_bart() {
 }
 
 #[test]
+fn goldens_mbart() {
+    golden_check("mbart-tiny", 4);
+}
+
+#[test]
 fn goldens_whisper() {
     golden_check("whisper-tiny", 4);
+    golden_check("whisper-turbo-tiny", 4);
+    golden_check("whisper-distil-tiny", 2);
 }
 
 #[test]
