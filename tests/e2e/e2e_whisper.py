@@ -51,11 +51,16 @@ def vllm_env(tp):
     return env
 
 
-def vllm(model, tp, load_format, out, log):
-    env = vllm_env(tp)
+def load(model, tp, load_format, out, log):
+    """Runs run_vllm.py on `model` as its own process group; its exit status."""
     cmd = [sys.executable, str(HERE / "run_vllm.py"), str(model), "--tp", str(tp), "--load-format", load_format,
            "--out", str(out)]
-    code = run_group(cmd, log, env=env, timeout=900)
+    return run_group(cmd, log, env=vllm_env(tp), timeout=900)
+
+
+def vllm(model, tp, load_format, out, log):
+    """Loads `model` in vLLM and returns its outputs; a load that fails ends the test."""
+    code = load(model, tp, load_format, out, log)
     if code != 0 or not Path(out).exists():
         tail = Path(log).read_text(errors="replace").splitlines()[-25:]
         print("\n".join(tail))
@@ -136,8 +141,7 @@ def main():
         sh([a.reshard, "convert", str(hf), "--tp", "1", "--out", str(other), "--quiet", "--target", a.refused],
            stdout=subprocess.DEVNULL)
         log = work / "other-target-tp1.log"
-        code = run_group([sys.executable, str(HERE / "run_vllm.py"), str(other), "--tp", "1", "--load-format",
-                          "sharded_state", "--out", str(work / "other-target-tp1.json")], log, env=vllm_env(1))
+        code = load(other, 1, "sharded_state", work / "other-target-tp1.json", log)
         lines = log.read_text(errors="replace").splitlines()
         why = [l[l.find(k):][:150] for l in lines for k in ("Missing keys", "KeyError") if k in l]
         check(code != 0 and bool(why), f"the output for target {a.refused} is refused by this vLLM: "
