@@ -34,6 +34,7 @@ impl Cli {
         match &self.command {
             Command::Plan(a) => a.source.json,
             Command::Convert(a) => a.source.json,
+            Command::Merge(a) => a.json,
             Command::Verify(a) => a.json,
             Command::Validate(a) => a.json,
             Command::Completions { .. } | Command::Man => false,
@@ -80,6 +81,9 @@ pub enum Command {
     Plan(PlanArgs),
     /// Write the per-rank shards, copied config/tokenizer files and a manifest.
     Convert(ConvertArgs),
+    /// Write the Hugging Face checkpoint a sharded directory was made from: the source names,
+    /// `model.safetensors` or an index and parts, config and side files copied.
+    Merge(MergeArgs),
     /// Prove an output bit-exact and complete against its source, and check the cross-attention
     /// forward numerically (exit 1 on any finding).
     Verify(VerifyArgs),
@@ -162,10 +166,49 @@ pub fn parse_layers(s: &str) -> Result<Option<Vec<usize>>, String> {
 }
 
 #[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// A sharded directory (`model-rank-*-part-*.safetensors` and config.json), or a Hugging Face
+    /// checkpoint (re-saved without tied copies, in parts of --max-part-size).
+    pub input: PathBuf,
+    /// Output directory (must not exist or be empty, unless --force; a symbolic link is refused).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// config.json to use instead of the one beside the shards.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Mapping file to use instead of the bundled one for the config's model_type.
+    #[arg(long)]
+    pub mapping: Option<PathBuf>,
+    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
+    #[arg(long, requires = "mapping")]
+    pub force_mapping: bool,
+    /// Cap on tensor data per file, as transformers' `max_shard_size` (its default: 5GB).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    pub max_part_size: u64,
+    /// Replace an existing --out directory (in one atomic swap, once the new output is complete).
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Verify the output against the input before publishing it (exit 1 if it fails).
+    #[arg(long)]
+    pub verify: bool,
+    /// Skip fsync (see `convert --no-fsync`).
+    #[arg(long)]
+    pub no_fsync: bool,
+    /// Print JSON on stdout instead of a human report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// The source checkpoint (directory, or one .safetensors file with --config).
+    /// The source: a checkpoint directory, one .safetensors file with --config, or a sharded
+    /// directory the output was made from.
     pub source: PathBuf,
-    /// The output directory of `reshard convert`.
+    /// The output directory of `reshard convert` (every rank, or those its manifest lists) or of
+    /// `reshard merge`.
     pub out: PathBuf,
     /// config.json to use (required when SOURCE is a single file).
     #[arg(long)]
@@ -213,7 +256,9 @@ impl CheckArgs {
 
 #[derive(Args, Debug)]
 pub struct SourceArgs {
-    /// Checkpoint directory (config.json + model.safetensors or an index), or one .safetensors file.
+    /// Checkpoint directory (config.json + model.safetensors or an index), one .safetensors file,
+    /// or a sharded directory (`model-rank-*-part-*.safetensors` and config.json: a reshard output
+    /// or a vLLM save_sharded_state), read back into the checkpoint it was made from.
     pub input: PathBuf,
     /// Tensor-parallel size.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
@@ -237,9 +282,40 @@ pub struct SourceArgs {
     /// (`reshard plan` lists them) or ENGINE==VERSION, e.g. vllm==0.20.1 [default: the newest tested]
     #[arg(long, value_name = "TARGET")]
     pub target: Option<String>,
+    /// Write (and verify) only these ranks, e.g. `8-15` or `0,2,4-5`: everything is planned, and
+    /// the manifest records that the output is partial (one node of a multi-node deployment).
+    #[arg(long, value_name = "RANKS", value_parser = parse_ranks)]
+    pub ranks: Option<Vec<usize>>,
     /// Print JSON on stdout instead of a human report.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parses `8-15`, `3` or `0,2,4-5` into sorted rank numbers.
+pub fn parse_ranks(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for item in s.split(',') {
+        let item = item.trim();
+        let num = |t: &str| {
+            t.trim().parse::<usize>().map_err(|_| format!("`{t}` is not a rank number (use e.g. 8-15 or 0,2,4-5)"))
+        };
+        match item.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("`{item}`: the range is empty ({a} > {b})"));
+                }
+                if b - a > 1 << 16 {
+                    return Err(format!("`{item}`: too many ranks"));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(item)?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 impl SourceArgs {
@@ -255,6 +331,7 @@ impl SourceArgs {
             max_part_size: self.max_part_size,
             dtype,
             target: self.target.clone(),
+            ranks: self.ranks.clone(),
         }
     }
 }
@@ -375,6 +452,15 @@ impl ValidateArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks() {
+        assert_eq!(parse_ranks("8-11"), Ok(vec![8, 9, 10, 11]));
+        assert_eq!(parse_ranks("3,0-1,3"), Ok(vec![0, 1, 3]));
+        assert!(parse_ranks("5-2").unwrap_err().contains("empty"));
+        assert!(parse_ranks("x").unwrap_err().contains("`x` is not a rank number"));
+        assert!(parse_ranks("0-99999999").unwrap_err().contains("too many"));
+    }
 
     #[test]
     fn sizes() {

@@ -1,7 +1,8 @@
 //! The subcommands: each calls the library and prints its result (bin side).
 
-use crate::cli::{Cli, Command, ConvertArgs, SourceArgs};
+use crate::cli::{Cli, Command, ConvertArgs, MergeArgs, SourceArgs};
 use crate::output;
+use reshard::progress::Sink;
 use reshard::{exit_code, write::WriteOptions, Error, Source};
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
@@ -31,6 +32,15 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
             }
             let result = convert(&a, out);
             // A signal being handled ends the process with its own code and message.
+            reshard::write::interrupt::wait_if_interrupted();
+            result
+        }
+        Command::Merge(a) => {
+            reshard::write::interrupt::set_json_errors(a.json);
+            if let Err(e) = reshard::write::interrupt::install() {
+                eprintln!("warning: SIGINT, SIGTERM and SIGHUP will not remove the staging directory: {e}");
+            }
+            let result = merge(&a, out);
             reshard::write::interrupt::wait_if_interrupted();
             result
         }
@@ -81,22 +91,52 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
 
 /// `convert`: writes the shards (with signal handling installed by the caller).
 fn convert(a: &ConvertArgs, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Error> {
-    use reshard::progress::{Sink, Unit};
     let s = &a.source;
     let bar = Arc::new(output::Bar::new(output::progress_enabled(std::io::stderr().is_terminal(), a.quiet, s.json)));
     let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n), fsync: !a.no_fsync };
-    let (meta, plan) = reshard::make_plan(&source(s), &s.plan_options())?;
-    bar.start("writing", plan.output_bytes(), Unit::Bytes);
+    let (input, plan) = reshard::make_plan(&source(s), &s.plan_options())?;
+    let vopts = a.check.options();
+    write_and_print(&source(s), input, &plan, &opts, a.verify.then_some(vopts), &bar, s.json, out)
+}
+
+/// `merge`: writes the Hugging Face checkpoint (with signal handling installed by the caller).
+fn merge(a: &MergeArgs, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Error> {
+    let bar = Arc::new(output::Bar::new(output::progress_enabled(std::io::stderr().is_terminal(), a.quiet, a.json)));
+    let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n), fsync: !a.no_fsync };
+    let src = Source {
+        input: a.input.clone(),
+        config: a.config.clone(),
+        mapping: a.mapping.clone(),
+        force_mapping: a.force_mapping,
+    };
+    let input = src.read()?;
+    let plan = input.plan_hf(a.max_part_size)?;
+    let vopts = reshard::verify::VerifyOptions { forward: false, ..Default::default() };
+    write_and_print(&src, input, &plan, &opts, a.verify.then_some(vopts), &bar, a.json, out)
+}
+
+/// Writes `plan`, verifying it first with `verify`, and prints what was written.
+#[allow(clippy::too_many_arguments)]
+fn write_and_print(
+    src: &Source,
+    input: reshard::Input,
+    plan: &reshard::plan::ShardPlan,
+    opts: &WriteOptions,
+    verify: Option<reshard::verify::VerifyOptions>,
+    bar: &Arc<output::Bar>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(std::io::Result<()>, u8), Error> {
+    bar.start("writing", plan.output_bytes(), reshard::progress::Unit::Bytes);
     let vopts =
-        reshard::verify::VerifyOptions { progress: reshard::progress::Progress::new(bar.clone()), ..a.check.options() };
-    let src = source(s);
-    let result = reshard::execute(meta, &plan, &opts, a.verify.then_some((&src, &vopts)));
+        verify.map(|v| reshard::verify::VerifyOptions { progress: reshard::progress::Progress::new(bar.clone()), ..v });
+    let result = reshard::execute(input, plan, opts, vopts.as_ref().map(|v| (src, v)));
     bar.finish();
     let (summary, report) = result?;
-    let printed = if s.json {
-        output::print_json(out, &output::convert_json(&plan, &summary, report.as_ref()))
+    let printed = if json {
+        output::print_json(out, &output::convert_json(plan, &summary, report.as_ref()))
     } else {
-        output::print_written(out, &plan, &summary, report.as_ref())
+        output::print_written(out, plan, &summary, report.as_ref())
     };
     Ok((printed, exit_code::OK))
 }

@@ -157,6 +157,14 @@ fn checkpoint(e: &CheckpointError) -> Culprit {
         C::IndexTensorNotInFile { index, tensor, .. } | C::TensorNotInIndex { index, tensor, .. } => {
             Culprit::file(index).with_tensor(tensor)
         }
+        C::Sharded(e) => {
+            use crate::checkpoint::sharded::ShardedError as S;
+            match e {
+                S::Tp { dir, .. } | S::Manifest { dir, .. } => Culprit::file(dir),
+                S::Changed { dir, file, .. } | S::Stray { dir, file } => Culprit::file(&dir.join(file)),
+                S::Duplicate { dir, tensor, a, .. } => Culprit::file(&dir.join(a)).with_tensor(tensor),
+            }
+        }
     }
 }
 
@@ -201,6 +209,24 @@ fn plan(e: &PlanError) -> Culprit {
         P::ZeroPartSize => Culprit::key("--max-part-size"),
         P::Target { mapping, .. } => {
             Culprit { file: Some(mapping.clone()), key: Some("--target".into()), tensor: None }
+        }
+        P::Ranks(_) => Culprit::key("--ranks"),
+        P::Backward(b) => {
+            use crate::plan::backward::BackwardError as B;
+            match b.as_ref() {
+                B::Unclaimed { dir, names, .. } => {
+                    let c = Culprit::file(dir);
+                    match names.first() {
+                        Some(n) => c.with_tensor(n),
+                        None => c,
+                    }
+                }
+                B::Ambiguous { dir, tensor, .. } | B::Shape { dir, tensor, .. } | B::Check { dir, tensor, .. } => {
+                    Culprit::file(dir).with_tensor(tensor)
+                }
+                B::Target { dir, .. } | B::Layout { dir, .. } => Culprit::file(dir),
+                B::Plan { source, .. } => plan(source),
+            }
         }
     }
 }

@@ -1,6 +1,9 @@
 //! `reshard`: offline tensor-parallel resharding of Hugging Face encoder-decoder checkpoints
 //! (BART, Whisper, mllama) into the per-rank layout of vLLM's `sharded_state` loader.
 //!
+//! A sharded directory (a reshard output or a vLLM `save_sharded_state`) is an input too: it is
+//! read back into the checkpoint it was made from ([`plan::backward`]), and the same pipeline runs.
+//!
 //! The pipeline is: [`checkpoint::CheckpointMeta::read`] (headers only) →
 //! [`mapping::Mapping`] (declarative rules, one JSON file per family) → [`plan::resolve`] and
 //! [`plan::Resolved::plan`] (pure: what every rank's files hold, byte range by byte range) →
@@ -10,7 +13,7 @@
 //! # fn main() -> Result<(), reshard::Error> {
 //! use reshard::{Source, plan::PlanOptions};
 //! let src = Source::new("fixtures/bart-tiny");
-//! let (_meta, plan) = reshard::make_plan(&src, &PlanOptions::new(2))?;
+//! let (_input, plan) = reshard::make_plan(&src, &PlanOptions::new(2))?;
 //! for f in &plan.files {
 //!     println!("{} holds {} tensors", f.name, f.tensors.len());
 //! }
@@ -94,52 +97,156 @@ impl Source {
         Source { input: input.as_ref().to_owned(), config: None, mapping: None, force_mapping: false }
     }
 
-    /// Reads the checkpoint's headers and picks or loads the mapping.
+    /// Reads the checkpoint's headers and picks or loads the mapping (a Hugging Face checkpoint
+    /// only; [`Source::read`] takes a sharded directory too).
     pub fn load(&self) -> Result<(CheckpointMeta, Mapping), Error> {
         let meta = CheckpointMeta::read(&self.input, self.config.as_deref())?;
-        let mapping = match &self.mapping {
+        let mapping = self.mapping_for(&meta.config, &meta.config_path)?;
+        Ok((meta, mapping))
+    }
+
+    /// The mapping: `--mapping` (checked against config.json's `model_type` unless forced), or
+    /// the bundled one for it.
+    fn mapping_for(&self, config: &serde_json::Value, config_path: &Path) -> Result<Mapping, Error> {
+        Ok(match &self.mapping {
             Some(p) => {
                 let m = Mapping::load(p)?;
                 if !self.force_mapping {
-                    m.check_family(p, &meta.config, &text::qp(&meta.config_path))?;
+                    m.check_family(p, config, &text::qp(config_path))?;
                 }
                 m
             }
-            None => Mapping::detect(&meta.config, &text::qp(&meta.config_path))?,
-        };
-        Ok((meta, mapping))
+            None => Mapping::detect(config, &text::qp(config_path))?,
+        })
+    }
+
+    /// Reads the input's headers: a Hugging Face checkpoint, or a sharded directory (rank files
+    /// and no `model.safetensors` or index), read back into the checkpoint it was made from.
+    pub fn read(&self) -> Result<Input, Error> {
+        if !checkpoint::sharded::is_sharded(&self.input) {
+            let (meta, mapping) = self.load()?;
+            return Ok(Input { meta, mapping, backward: None });
+        }
+        let sm = checkpoint::sharded::ShardedMeta::read(&self.input, self.config.as_deref())?;
+        let mapping = self.mapping_for(&sm.config, &sm.config_path)?;
+        let backward = plan::backward::Backward::read(&sm, &mapping)?;
+        Ok(Input { meta: sm.physical(), mapping, backward: Some(backward) })
     }
 }
 
-/// Reads the checkpoint and plans a conversion to `tp` ranks.
-pub fn make_plan(src: &Source, opts: &plan::PlanOptions) -> Result<(CheckpointMeta, ShardPlan), Error> {
-    let (meta, mapping) = src.load()?;
-    let plan = plan::plan(&meta, &mapping, opts)?;
-    Ok((meta, plan))
+/// An input read for planning ([`Source::read`]).
+pub struct Input {
+    /// The files that are read: the checkpoint's, or every rank file of a sharded directory with
+    /// its tensors named `NAME@rankR` ([`checkpoint::sharded::rank_tensor`]).
+    pub meta: CheckpointMeta,
+    /// The mapping.
+    pub mapping: Mapping,
+    /// For a sharded directory: how it is read back.
+    pub backward: Option<plan::backward::Backward>,
+}
+
+impl Input {
+    /// The checkpoint plans are made from: the source's tensor names, dtypes and shapes.
+    pub fn logical(&self) -> &CheckpointMeta {
+        self.backward.as_ref().map_or(&self.meta, |b| &b.logical)
+    }
+
+    /// [`plan::resolve`] of [`Input::logical`].
+    pub fn resolve(&self) -> Result<plan::Resolved, PlanError> {
+        match &self.backward {
+            Some(b) => Ok(b.resolved.clone()),
+            None => plan::resolve(&self.meta, &self.mapping),
+        }
+    }
+
+    /// A plan made from [`Input::logical`], rewritten to read [`Input::meta`]'s files.
+    pub fn reads(&self, plan: ShardPlan) -> ShardPlan {
+        match &self.backward {
+            Some(b) => b.compose(&plan),
+            None => plan,
+        }
+    }
+
+    /// The plan of a conversion to `opts.tp` ranks.
+    pub fn plan(&self, opts: &plan::PlanOptions) -> Result<ShardPlan, Error> {
+        Ok(self.reads(self.resolve()?.plan(opts)?))
+    }
+
+    /// The plan of a Hugging Face checkpoint of every source tensor (`reshard merge`).
+    pub fn plan_hf(&self, max_part_size: u64) -> Result<ShardPlan, Error> {
+        let shapes = self.logical().tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+        Ok(self.reads(self.resolve()?.plan_hf(max_part_size, &shapes)?))
+    }
+
+    /// Maps the files; for a sharded directory, checks every copy the plans do not read
+    /// ([`plan::backward::Backward::check`]).
+    pub fn open(self) -> Result<Opened, Error> {
+        let ckpt = Checkpoint::open(self.meta)?;
+        if let Some(b) = &self.backward {
+            b.check(&ckpt).map_err(|e| PlanError::Backward(Box::new(e)))?;
+        }
+        Ok(Opened { ckpt, mapping: self.mapping, backward: self.backward })
+    }
+}
+
+/// An input with its files mapped ([`Input::open`]).
+pub struct Opened {
+    /// The files read.
+    pub ckpt: Checkpoint,
+    /// The mapping.
+    pub mapping: Mapping,
+    /// For a sharded directory: how it is read back.
+    pub backward: Option<plan::backward::Backward>,
+}
+
+impl Opened {
+    /// The checkpoint plans are made from (see [`Input::logical`]).
+    pub fn logical(&self) -> &CheckpointMeta {
+        self.backward.as_ref().map_or(&self.ckpt.meta, |b| &b.logical)
+    }
+
+    /// The source fingerprint: of the checkpoint's tensors, or, for a sharded directory, of the
+    /// tensors it was made from (the same as that checkpoint's own, aliases aside).
+    pub fn fingerprint(&self) -> checkpoint::fingerprint::Fingerprint {
+        match &self.backward {
+            None => checkpoint::fingerprint::fingerprint(&self.ckpt),
+            Some(b) => checkpoint::fingerprint::fingerprint_with(&b.logical.tensors, &|name, _, off, len, out| {
+                b.read_logical(&self.ckpt, name, off, len, out)
+            }),
+        }
+    }
+}
+
+/// Reads the input and plans a conversion to `opts.tp` ranks.
+pub fn make_plan(src: &Source, opts: &plan::PlanOptions) -> Result<(Input, ShardPlan), Error> {
+    let input = src.read()?;
+    let plan = input.plan(opts)?;
+    Ok((input, plan))
 }
 
 /// Plans and writes a conversion. Everything that can be checked is checked before the first
-/// byte is written: the plan, `--out`, and tied copies in the source.
+/// byte is written: the plan, `--out`, tied copies in the source, and a sharded input's copies.
 pub fn convert(
     src: &Source,
     plan_opts: &plan::PlanOptions,
     opts: &WriteOptions,
 ) -> Result<(ShardPlan, WriteSummary), Error> {
-    let (meta, plan) = make_plan(src, plan_opts)?;
-    let (summary, _) = execute(meta, &plan, opts, None)?;
+    let (input, plan) = make_plan(src, plan_opts)?;
+    let (summary, _) = execute(input, &plan, opts, None)?;
     Ok((plan, summary))
 }
 
-/// Writes a plan made by [`make_plan`] from `meta`. With `verify`, the finished output is
-/// verified against `src` in its staging directory and published only if every check holds.
+/// Writes a plan made from `input` ([`make_plan`], [`Input::plan_hf`]). With `verify`, the
+/// finished output is verified against `src` in its staging directory and published only if
+/// every check holds.
 pub fn execute(
-    meta: CheckpointMeta,
+    input: Input,
     plan: &ShardPlan,
     opts: &WriteOptions,
     verify: Option<(&Source, &verify::VerifyOptions)>,
 ) -> Result<(WriteSummary, Option<verify::VerifyReport>), Error> {
-    let ckpt = Checkpoint::open(meta)?;
-    let staged = write::write_staged(&ckpt, plan, opts)?;
+    let opened = input.open()?;
+    let staged = write::write_staged(&opened.ckpt, plan, opened.fingerprint(), opts)?;
     let report = match verify {
         Some((src, vopts)) => {
             write::crash_point_labelled("verifying");

@@ -121,6 +121,13 @@ fn sources(pieces: &[Piece]) -> String {
             Piece::Zeros { rows, reason } if reason == "padding" => zero_rows += rows[1] - rows[0],
             Piece::Zeros { rows, reason } => out.push(format!("zeros[{}] ({reason})", rows[1] - rows[0])),
             Piece::Constant { value, .. } => out.push(format!("constant {}", value.0)),
+            Piece::Concat { dim, parts, .. } => {
+                let shown: Vec<String> = parts
+                    .iter()
+                    .map(|s| format!("{}[{}{}..{}]", q(&s.source), ":, ".repeat(*dim), s.start, s.end))
+                    .collect();
+                out.push(format!("concat({})", shown.join(", ")));
+            }
         }
     }
     if zero_rows > 0 {
@@ -131,18 +138,31 @@ fn sources(pieces: &[Piece]) -> String {
 
 /// Writes the human plan report.
 pub fn print_plan(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
-    let parts = plan.files.iter().filter(|f| f.rank == 0).count();
-    writeln!(
-        w,
-        "family {} ({}), tp {}: {} of source tensors -> {} file(s) per rank, {} in all",
-        plan.family,
-        plan.mapping,
-        plan.tp,
-        bytes(plan.source_bytes),
-        parts,
-        bytes(plan.output_bytes())
-    )?;
-    print_target(w, plan)?;
+    let first = plan.files.first().map_or(0, |f| f.rank);
+    let parts = plan.files.iter().filter(|f| f.rank == first).count();
+    if plan.output == reshard::plan::OutputKind::HuggingFace {
+        writeln!(
+            w,
+            "family {} ({}): {} of source tensors -> a Hugging Face checkpoint in {} file(s)",
+            plan.family,
+            plan.mapping,
+            bytes(plan.source_bytes),
+            plan.files.len()
+        )?;
+    } else {
+        writeln!(
+            w,
+            "family {} ({}), tp {}: {} of source tensors -> {} file(s) per rank, {} in all",
+            plan.family,
+            plan.mapping,
+            plan.tp,
+            bytes(plan.source_bytes),
+            parts,
+            bytes(plan.output_bytes())
+        )?;
+        print_target(w, plan)?;
+    }
+    print_provenance(w, plan)?;
     writeln!(w)?;
     writeln!(w, "{:<40} {:>5} {:>12} {:>8}", "FILE", "RANK", "SIZE", "TENSORS")?;
     for f in &plan.files {
@@ -151,7 +171,12 @@ pub fn print_plan(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
     for [alias, primary] in &plan.aliases {
         writeln!(w, "alias {} = {} (checked identical, not written)", q(alias), q(primary))?;
     }
-    for rank in [0, plan.tp - 1].into_iter().take(if plan.tp > 1 { 2 } else { 1 }) {
+    let mut shown: Vec<usize> = plan.files.iter().map(|f| f.rank).collect();
+    shown.dedup();
+    if shown.len() > 2 {
+        shown = vec![shown[0], shown[shown.len() - 1]];
+    }
+    for rank in shown {
         writeln!(w)?;
         writeln!(w, "rank {rank}:")?;
         let tensors = plan.files.iter().filter(|f| f.rank == rank).flat_map(|f| &f.tensors);
@@ -168,6 +193,28 @@ pub fn print_plan(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
                 sources(&t.pieces)
             )?;
         }
+    }
+    Ok(())
+}
+
+/// Where a plan reads a sharded input, and which ranks it writes.
+fn print_provenance(w: &mut impl Write, plan: &ShardPlan) -> io::Result<()> {
+    if let Some(s) = &plan.from_shards {
+        writeln!(w, "input: shards at tp {} ({}); each source byte read from the first rank holding it", s.tp, s.how)?;
+        if let Some(d) = s.cast {
+            writeln!(
+                w,
+                "  note: the input was cast to {d} when it was written; the original dtypes are not recoverable"
+            )?;
+        }
+    }
+    if let Some(r) = &plan.ranks {
+        writeln!(
+            w,
+            "ranks written: {} of tp {} (a partial output; the manifest says so)",
+            reshard::text::ranges(r),
+            plan.tp
+        )?;
     }
     Ok(())
 }
@@ -300,8 +347,19 @@ pub fn print_written(
     s: &WriteSummary,
     verified: Option<&VerifyReport>,
 ) -> io::Result<()> {
-    writeln!(w, "wrote {} ({} files, {}) for tp {}", s.out.display(), s.files.len(), bytes(s.bytes), plan.tp)?;
-    print_target(w, plan)?;
+    if plan.output == reshard::plan::OutputKind::HuggingFace {
+        writeln!(
+            w,
+            "wrote {} ({} files, {}): a Hugging Face checkpoint",
+            s.out.display(),
+            s.files.len(),
+            bytes(s.bytes)
+        )?;
+    } else {
+        writeln!(w, "wrote {} ({} files, {}) for tp {}", s.out.display(), s.files.len(), bytes(s.bytes), plan.tp)?;
+        print_target(w, plan)?;
+    }
+    print_provenance(w, plan)?;
     for f in &s.files {
         writeln!(w, "  {:<40} {:>12}  crc32 {}", f.name, bytes(f.size), f.crc32)?;
     }
@@ -354,6 +412,9 @@ pub fn convert_json(plan: &ShardPlan, s: &WriteSummary, verified: Option<&Verify
             "bytes": s.bytes,
         },
         "target": plan.target,
+        "output": plan.output,
+        "ranks": plan.ranks,
+        "from_shards": plan.from_shards,
         "verify": verified,
     })
 }

@@ -6,6 +6,28 @@
 use std::fmt;
 use std::path::Path;
 
+/// Sorted numbers as ranges: `0-3, 5, 8-9` (`none` when empty).
+pub fn ranges(v: &[usize]) -> String {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
+        i = j + 1;
+    }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(", ")
+    }
+}
+
 /// A name wrapped in backticks with control and non-printing characters escaped.
 pub struct Quoted<'a>(pub &'a str);
 

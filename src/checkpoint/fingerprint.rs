@@ -9,7 +9,7 @@
 //! source. Two checkpoints of the same shape but other weights differ in every sampled tensor; a
 //! change the samples miss is still found by the byte comparison that follows.
 
-use super::Checkpoint;
+use super::{Checkpoint, TensorInfo};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -36,9 +36,18 @@ pub struct Fingerprint {
 
 /// The fingerprint of `ckpt`'s tensors.
 pub fn fingerprint(ckpt: &Checkpoint) -> Fingerprint {
-    let tensors: BTreeMap<String, String> = ckpt
-        .meta
-        .tensors
+    fingerprint_with(&ckpt.meta.tensors, &|_, info, off, len, out| {
+        out.extend_from_slice(ckpt.bytes(info).get(off..off + len).unwrap_or(&[]))
+    })
+}
+
+/// Reads `len` bytes at `off` of a tensor's data (name, info) and appends them to the buffer.
+pub type ReadFn<'a> = dyn Fn(&str, &TensorInfo, usize, usize, &mut Vec<u8>) + Sync + 'a;
+
+/// The fingerprint of `tensors` whose data `read` gives: a sharded input read back gives the
+/// fingerprint of the checkpoint it was made from (`plan::backward`).
+pub fn fingerprint_with(tensors: &BTreeMap<String, TensorInfo>, read: &ReadFn<'_>) -> Fingerprint {
+    let tensors: BTreeMap<String, String> = tensors
         .par_iter()
         .map(|(name, info)| {
             let mut h = crc32fast::Hasher::new();
@@ -50,27 +59,47 @@ pub fn fingerprint(ckpt: &Checkpoint) -> Fingerprint {
             for d in &info.shape {
                 h.update(&(*d as u64).to_le_bytes());
             }
-            let data = ckpt.bytes(info);
-            h.update(&(data.len() as u64).to_le_bytes());
-            if data.len() <= WHOLE {
-                h.update(data);
+            let n = info.nbytes() as usize;
+            h.update(&(n as u64).to_le_bytes());
+            let mut buf = Vec::with_capacity(WHOLE.min(n));
+            if n <= WHOLE {
+                read(name, info, 0, n, &mut buf);
+                h.update(&buf);
             } else {
-                let last = data.len() - WINDOW;
+                let last = n - WINDOW;
                 for k in 0..WINDOWS {
-                    let at = k * last / (WINDOWS - 1);
-                    h.update(&data[at..at + WINDOW]);
+                    buf.clear();
+                    read(name, info, k * last / (WINDOWS - 1), WINDOW, &mut buf);
+                    h.update(&buf);
                 }
             }
             (name.clone(), format!("{:08x}", h.finalize()))
         })
         .collect();
+    Fingerprint { scheme: SCHEME.into(), crc32: overall(&tensors), tensors }
+}
+
+/// The CRC-32 of every tensor's name and CRC-32 in name order.
+fn overall(tensors: &BTreeMap<String, String>) -> String {
     let mut all = crc32fast::Hasher::new();
-    for (name, crc) in &tensors {
+    for (name, crc) in tensors {
         all.update(name.as_bytes());
         all.update(&[0]);
         all.update(crc.as_bytes());
     }
-    Fingerprint { scheme: SCHEME.into(), crc32: format!("{:08x}", all.finalize()), tensors }
+    format!("{:08x}", all.finalize())
+}
+
+impl Fingerprint {
+    /// The fingerprint without the tensors `drop` names: the tied copies a checkpoint may or may
+    /// not carry (a sharded input read back has none), so that both compare alike.
+    pub fn without<'a>(&self, drop: impl IntoIterator<Item = &'a str>) -> Fingerprint {
+        let mut tensors = self.tensors.clone();
+        for n in drop {
+            tensors.remove(n);
+        }
+        Fingerprint { scheme: self.scheme.clone(), crc32: overall(&tensors), tensors }
+    }
 }
 
 /// How a recorded fingerprint compares with the one of a checkpoint.

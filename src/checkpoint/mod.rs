@@ -14,6 +14,7 @@ pub mod fingerprint;
 pub mod header;
 pub mod index;
 mod mmap;
+pub mod sharded;
 
 pub use mmap::Checkpoint;
 
@@ -91,6 +92,8 @@ pub enum CheckpointError {
     TensorNotInIndex { index: PathBuf, tensor: String, file: String },
     #[error("{}: the checkpoint contains no tensors", qp(path))]
     Empty { path: PathBuf },
+    #[error(transparent)]
+    Sharded(#[from] sharded::ShardedError),
 }
 
 /// One source file of the checkpoint.
@@ -253,7 +256,7 @@ pub fn read_header(path: &Path) -> Result<header::Header, CheckpointError> {
 /// Each is opened here, while planning, so one that cannot be copied (a FIFO, a socket, a device,
 /// a broken link, an unreadable file) is refused before the first shard byte is written; it is
 /// refused rather than skipped, so an output never silently lacks a file of its input.
-fn list_extra_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
+pub(crate) fn list_extra_files(dir: &Path) -> Result<Vec<String>, CheckpointError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;

@@ -6,6 +6,7 @@
 //! divides what must divide and expands every parameter into per-rank pieces. Splitting the two
 //! makes [`Resolved::valid_tps`] cheap, so a bad `--tp` is answered with the values that work.
 
+pub mod backward;
 pub mod split;
 
 use crate::checkpoint::CheckpointMeta;
@@ -62,6 +63,10 @@ pub enum PlanError {
     Cast { tensor: String, dtype: Dtype, to: Dtype, reason: String, more: usize },
     #[error("--target: {msg} in mapping {mapping}\n(hint: {hint})")]
     Target { mapping: String, msg: String, hint: String },
+    #[error("--ranks: {0}")]
+    Ranks(String),
+    #[error(transparent)]
+    Backward(#[from] Box<backward::BackwardError>),
 }
 
 /// A `layer_count` or `layer_set` check failed: the layers config.json gives are not those present.
@@ -266,6 +271,91 @@ pub enum Piece {
         /// The value.
         value: Value,
     },
+    /// Slices of several tensors side by side along `dim` (at least 1): for every index of the
+    /// dims before `dim`, each part's slice in turn. A row-parallel weight read from the input
+    /// ranks that hold its columns ([`backward`]); planned from a Hugging Face checkpoint, a
+    /// piece is always one [`Piece::Copy`].
+    Concat {
+        /// Rows `[first, end)` of the output tensor (dim 0) this piece fills.
+        rows: [usize; 2],
+        /// The dimension the parts are side by side in.
+        dim: usize,
+        /// The parts, in order along `dim`.
+        parts: Vec<Slice>,
+    },
+}
+
+/// A slice `start..end` along the dim of a [`Piece::Concat`] of one source tensor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    /// Source tensor name.
+    pub source: String,
+    /// The source's shape.
+    pub source_shape: Vec<usize>,
+    /// First index along the dim.
+    pub start: usize,
+    /// One past the last index.
+    pub end: usize,
+}
+
+impl Piece {
+    /// Rows `[first, end)` of the output tensor this piece fills.
+    pub fn rows(&self) -> [usize; 2] {
+        match self {
+            Piece::Copy { rows, .. }
+            | Piece::Zeros { rows, .. }
+            | Piece::Constant { rows, .. }
+            | Piece::Concat { rows, .. } => *rows,
+        }
+    }
+
+    /// The source slices the piece reads, as `(source, source_shape, dim, start, end)`, in the
+    /// order their bytes are laid out one outer index at a time; empty for zeros and constants.
+    pub fn slices(&self) -> Vec<(&str, &[usize], usize, usize, usize)> {
+        match self {
+            Piece::Copy { source, source_shape, dim, start, end, .. } => {
+                vec![(source.as_str(), source_shape.as_slice(), *dim, *start, *end)]
+            }
+            Piece::Concat { dim, parts, .. } => {
+                parts.iter().map(|p| (p.source.as_str(), p.source_shape.as_slice(), *dim, p.start, p.end)).collect()
+            }
+            Piece::Zeros { .. } | Piece::Constant { .. } => vec![],
+        }
+    }
+}
+
+/// What a plan writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    /// Per-rank files `model-rank-R-part-P.safetensors` in the engine's layout.
+    #[default]
+    Shards,
+    /// A Hugging Face checkpoint: the source's names, `model.safetensors` or an index and parts
+    /// (`reshard merge`).
+    HuggingFace,
+}
+
+impl OutputKind {
+    /// Whether this is [`OutputKind::Shards`] (the default, not serialized).
+    pub fn is_shards(&self) -> bool {
+        *self == OutputKind::Shards
+    }
+}
+
+/// The sharded input a plan reads (issue #16), as recorded in the plan and the manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FromShards {
+    /// The input's tensor-parallel size.
+    pub tp: usize,
+    /// The engine target it is laid out for (`null`: the mapping declares none).
+    pub target: Option<String>,
+    /// How the tp and the target were determined.
+    pub how: String,
+    /// The cast its own manifest records (`null`: none, or no manifest): the tensors read back
+    /// are in this dtype, not the original checkpoint's.
+    #[serde(default)]
+    pub cast: Option<Dtype>,
 }
 
 /// A constant's value. Two are equal when their bits are, so plans compare as plain values.
@@ -325,12 +415,15 @@ pub struct PlanOptions {
     /// The engine target: a target name of the mapping, or `ENGINE==VERSION` (`None`: the
     /// mapping's default).
     pub target: Option<String>,
+    /// Write only these ranks (`--ranks`; `None`: all). Everything is planned either way, so the
+    /// files written are those a full run writes.
+    pub ranks: Option<Vec<usize>>,
 }
 
 impl PlanOptions {
-    /// `tp` ranks, the default part size, no cast, the default target.
+    /// `tp` ranks, the default part size, no cast, the default target, every rank.
     pub fn new(tp: usize) -> PlanOptions {
-        PlanOptions { tp, max_part_size: DEFAULT_MAX_PART_SIZE, dtype: None, target: None }
+        PlanOptions { tp, max_part_size: DEFAULT_MAX_PART_SIZE, dtype: None, target: None, ranks: None }
     }
 }
 
@@ -362,7 +455,17 @@ pub struct ShardPlan {
     pub source_bytes: u64,
     /// `[alias, primary]` source tensors checked byte-identical and not written.
     pub aliases: Vec<[String; 2]>,
-    /// Output files, rank-major then part.
+    /// What is written (absent: shards).
+    #[serde(default, skip_serializing_if = "OutputKind::is_shards")]
+    pub output: OutputKind,
+    /// With `--ranks`: the only ranks written; the others are planned but not written (absent:
+    /// every rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<Vec<usize>>,
+    /// The sharded input read (absent: a Hugging Face checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_shards: Option<FromShards>,
+    /// Output files, rank-major then part (only those of [`ShardPlan::ranks`]).
     pub files: Vec<FilePlan>,
 }
 
@@ -370,6 +473,11 @@ impl ShardPlan {
     /// Bytes written over all files.
     pub fn output_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Whether rank `r`'s files are written.
+    pub fn writes_rank(&self, r: usize) -> bool {
+        self.ranks.as_ref().is_none_or(|v| v.contains(&r))
     }
 }
 
@@ -1000,9 +1108,15 @@ impl Resolved {
 
     /// Expands every parameter for every rank and assigns tensors to parts.
     pub fn plan(&self, opts: &PlanOptions) -> Result<ShardPlan, PlanError> {
-        let PlanOptions { tp, max_part_size, dtype: cast, ref target } = *opts;
+        let PlanOptions { tp, max_part_size, dtype: cast, ref target, ref ranks } = *opts;
         if max_part_size == 0 {
             return Err(PlanError::ZeroPartSize);
+        }
+        if let Some(bad) = ranks.iter().flatten().find(|r| **r >= tp) {
+            return Err(PlanError::Ranks(format!("rank {bad} is not below tp {tp} (ranks are 0 to {})", tp - 1)));
+        }
+        if ranks.as_ref().is_some_and(|r| r.is_empty()) {
+            return Err(PlanError::Ranks("no rank selected".into()));
         }
         let target = self.target(target.as_deref())?;
         if let Err(reason) = self.check_tp(tp) {
@@ -1074,6 +1188,99 @@ impl Resolved {
             target,
             source_bytes: self.source_bytes,
             aliases: self.aliases.iter().map(|(a, p)| [a.clone(), p.clone()]).collect(),
+            output: OutputKind::Shards,
+            ranks: ranks.as_ref().map(|r| {
+                let mut r = r.clone();
+                r.sort_unstable();
+                r.dedup();
+                r
+            }),
+            from_shards: None,
+            files: files.into_iter().filter(|f| ranks.as_ref().is_none_or(|r| r.contains(&f.rank))).collect(),
+        })
+    }
+
+    /// The plan of a Hugging Face checkpoint holding every source tensor whole, under its own
+    /// name (aliases and synthesized parts are not sources), in natural name order, split into
+    /// parts of at most `max_part_size` bytes as transformers does: `model.safetensors`, or
+    /// `model-00001-of-0000N.safetensors` and an index (`reshard merge`). `shapes` gives each
+    /// source's shape as stored (before a mapping's reshape).
+    pub fn plan_hf(&self, max_part_size: u64, shapes: &BTreeMap<String, Vec<usize>>) -> Result<ShardPlan, PlanError> {
+        if max_part_size == 0 {
+            return Err(PlanError::ZeroPartSize);
+        }
+        let mut tensors = Vec::new();
+        for p in &self.params {
+            for i in p.inputs.iter().filter(|i| i.source.is_some()) {
+                let name = i.source.clone().expect("filtered");
+                // Split as the rule splits it, so that a sharded input's slices line up.
+                let dim = if p.layout == Layout::Row && i.shape.len() >= 2 { 1 } else { 0 };
+                let rows = i.shape.first().copied().unwrap_or(1);
+                let end = i.shape.get(dim).copied().unwrap_or(1);
+                let shape = shapes.get(&name).cloned().unwrap_or_else(|| i.shape.clone());
+                let nbytes = shape.iter().product::<usize>() as u64 * p.dtype.size() as u64;
+                let piece = Piece::Copy {
+                    source: name.clone(),
+                    source_shape: i.shape.clone(),
+                    dim,
+                    start: 0,
+                    end,
+                    rows: [0, rows],
+                };
+                tensors.push(OutTensor {
+                    name,
+                    dtype: p.dtype,
+                    shape,
+                    split: "whole".into(),
+                    nbytes,
+                    pieces: vec![piece],
+                });
+            }
+        }
+        tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        let mut parts: Vec<Vec<OutTensor>> = vec![];
+        let mut bytes = 0u64;
+        for t in tensors {
+            match parts.last_mut() {
+                Some(last) if bytes + t.nbytes <= max_part_size => {
+                    bytes += t.nbytes;
+                    last.push(t);
+                }
+                _ => {
+                    bytes = t.nbytes;
+                    parts.push(vec![t]);
+                }
+            }
+        }
+        let n = parts.len();
+        let files = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, tensors)| {
+                let mut f = file_plan(0, i, tensors);
+                f.name = if n == 1 {
+                    "model.safetensors".into()
+                } else {
+                    format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+                };
+                f
+            })
+            .collect();
+        Ok(ShardPlan {
+            format_version: PLAN_FORMAT_VERSION,
+            family: self.family.clone(),
+            mapping: self.mapping.clone(),
+            mapping_crc32: self.mapping_crc32,
+            tp: 1,
+            max_part_size,
+            dtype: None,
+            target: None,
+            engine_status: None,
+            source_bytes: self.source_bytes,
+            aliases: self.aliases.iter().map(|(a, p)| [a.clone(), p.clone()]).collect(),
+            output: OutputKind::HuggingFace,
+            ranks: None,
+            from_shards: None,
             files,
         })
     }
@@ -1487,7 +1694,7 @@ mod tests {
                             for i in *start..*end { *hits.entry((source.clone(), i)).or_default() += 1; }
                         }
                         Piece::Zeros { rows, .. } => { prop_assert_eq!(rows[0], row); row = rows[1]; zero_rows += rows[1] - rows[0]; }
-                        Piece::Constant { .. } => prop_assert!(false, "this mapping declares no constants"),
+                        Piece::Constant { .. } | Piece::Concat { .. } => prop_assert!(false, "not planned from a checkpoint"),
                     }
                 }
                 prop_assert_eq!(row, t.shape[0]);

@@ -53,6 +53,46 @@ pub fn byte_runs(shape: &[usize], elem: usize, dim: usize, start: usize, end: us
     (0..outer).map(|o| (o * row + start * inner, len)).collect()
 }
 
+/// The byte runs `(source, offset in its data, len)` that `piece` reads, in the order they are
+/// laid out in the output; `elem` gives a source's bytes per element (`None`: unknown source,
+/// and then no runs). Zeros and constants read nothing.
+pub fn piece_runs<'a>(
+    piece: &'a super::Piece,
+    elem: &dyn Fn(&str) -> Option<usize>,
+) -> Option<Vec<(&'a str, usize, usize)>> {
+    use super::Piece;
+    match piece {
+        Piece::Copy { source, source_shape, dim, start, end, .. } => Some(
+            byte_runs(source_shape, elem(source)?, *dim, *start, *end)
+                .into_iter()
+                .map(|(o, l)| (source.as_str(), o, l))
+                .collect(),
+        ),
+        Piece::Concat { dim, parts, .. } => {
+            let Some(first) = parts.first() else { return Some(vec![]) };
+            let outer: usize = first.source_shape.get(..*dim)?.iter().product();
+            let mut geometry = Vec::with_capacity(parts.len());
+            for p in parts {
+                let inner = p.source_shape.get(dim + 1..)?.iter().product::<usize>() * elem(&p.source)?;
+                geometry.push((
+                    p.source.as_str(),
+                    p.source_shape[*dim] * inner,
+                    p.start * inner,
+                    (p.end - p.start) * inner,
+                ));
+            }
+            let mut out = Vec::with_capacity(outer * parts.len());
+            for o in 0..outer {
+                for &(source, row, at, len) in &geometry {
+                    out.push((source, o * row + at, len));
+                }
+            }
+            Some(out)
+        }
+        Piece::Zeros { .. } | Piece::Constant { .. } => Some(vec![]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +115,16 @@ mod tests {
         assert_eq!(vocab_rows_of_rank(50265, 64, 2, 1), (25152, 25113, 39));
         // A rank entirely in the padding.
         assert_eq!(vocab_rows_of_rank(10, 64, 4, 3), (10, 0, 16));
+    }
+
+    #[test]
+    fn concat_interleaves_the_parts_row_by_row() {
+        use crate::plan::{Piece, Slice};
+        let part = |s: &str, start, end| Slice { source: s.into(), source_shape: vec![2, 4], start, end };
+        let p = Piece::Concat { rows: [0, 2], dim: 1, parts: vec![part("a", 0, 4), part("b", 1, 3)] };
+        let runs = piece_runs(&p, &|_| Some(2)).unwrap();
+        assert_eq!(runs, vec![("a", 0, 8), ("b", 2, 4), ("a", 8, 8), ("b", 10, 4)]);
+        assert_eq!(piece_runs(&p, &|s| (s == "a").then_some(2)), None);
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod forward;
 use crate::checkpoint::{self, fingerprint, Checkpoint, CheckpointMeta, SourceFile, TensorInfo};
 use crate::dtype::{self, Dtype};
 use crate::mapping::Mapping;
-use crate::plan::{self, split::byte_runs, OutTensor, Piece, Resolved, ShardPlan};
+use crate::plan::{self, split, OutTensor, Piece, Resolved, ShardPlan};
 use crate::text::q;
 use crate::write::manifest::Manifest;
 use crate::write::MANIFEST_NAME;
@@ -162,6 +162,12 @@ pub struct VerifyReport {
     pub forward: Vec<forward::LayerCheck>,
     /// Every problem found.
     pub findings: Vec<Finding>,
+    /// A partial output's ranks, the only ones checked (absent: every rank).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<Vec<usize>>,
+    /// What was verified (absent: shards).
+    #[serde(skip_serializing_if = "plan::OutputKind::is_shards")]
+    pub output: plan::OutputKind,
 }
 
 /// Output tensors of one (source dtype, output dtype) pair.
@@ -179,10 +185,8 @@ pub struct DtypeCount {
 fn dtype_counts(meta: &CheckpointMeta, plan: &ShardPlan) -> Vec<DtypeCount> {
     let mut out: Vec<DtypeCount> = Vec::new();
     for t in plan.files.iter().filter(|f| f.rank == 0).flat_map(|f| &f.tensors) {
-        let source = t.pieces.iter().find_map(|p| match p {
-            Piece::Copy { source, .. } => meta.tensors.get(source).map(|i| i.dtype),
-            _ => None,
-        });
+        let source =
+            t.pieces.iter().find_map(|p| p.slices().first().and_then(|s| meta.tensors.get(s.0)).map(|i| i.dtype));
         match out.iter_mut().find(|c| c.source == source && c.output == t.dtype) {
             Some(c) => c.tensors += 1,
             None => out.push(DtypeCount { source, output: t.dtype, tensors: 1 }),
@@ -223,13 +227,24 @@ fn scan_out(out: &Path) -> Result<(RankFiles, Vec<String>), VerifyError> {
     Ok((ranks, strays))
 }
 
-/// Verifies `out` against the checkpoint and mapping of `src`.
+/// Whether `out` holds a Hugging Face checkpoint (`reshard merge`) rather than rank files.
+fn is_hf_output(out: &Path, ranks: &RankFiles) -> bool {
+    ranks.is_empty() && checkpoint::discover::has_weights(out)
+}
+
+/// Verifies `out` against the checkpoint and mapping of `src` (a Hugging Face checkpoint or a
+/// sharded directory, [`crate::Source::read`]). `out` is rank files (all of them, or those its
+/// manifest says it holds), or a Hugging Face checkpoint written by `reshard merge`.
 pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
-    let (meta, mapping) = src.load()?;
-    let ckpt = Checkpoint::open(meta)?;
-    let resolved = plan::resolve(&ckpt.meta, &mapping)?;
-    let (ranks, strays) = scan_out(out)?;
-    if ranks.is_empty() {
+    let opened = src.read()?.open()?;
+    let (ckpt, mapping) = (&opened.ckpt, &opened.mapping);
+    let resolved = match &opened.backward {
+        Some(b) => b.resolved.clone(),
+        None => plan::resolve(&ckpt.meta, mapping)?,
+    };
+    let (mut ranks, strays) = scan_out(out)?;
+    let hf = is_hf_output(out, &ranks);
+    if ranks.is_empty() && !hf {
         return Err(VerifyError::NoShards { dir: out.to_owned() }.into());
     }
     let mut findings = Vec::new();
@@ -247,11 +262,29 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
             None
         }
     };
-    let max_rank = *ranks.keys().last().expect("non-empty");
-    let tp = manifest.as_ref().map(|m| m.tp).unwrap_or(max_rank + 1);
     let mut notes = Vec::new();
+    if hf {
+        // The files of the checkpoint, as rank 0's; reading it checks the index against them.
+        let names = match CheckpointMeta::read(out, None) {
+            Ok(m) => m.files.iter().map(|f| f.name.clone()).collect(),
+            Err(e) => {
+                findings.push(finding(FindingKind::BadFile, None, None, e.to_string()));
+                strays.clone()
+            }
+        };
+        ranks.insert(0, names.into_iter().enumerate().collect());
+    }
+    let max_rank = ranks.keys().last().copied().unwrap_or(0);
+    let tp = if hf { 1 } else { manifest.as_ref().map(|m| m.tp).unwrap_or(max_rank + 1) };
+    let only: Option<Vec<usize>> = manifest.as_ref().and_then(|m| m.ranks.clone());
+    if let Some(r) = &only {
+        notes.push(format!(
+            "a partial output: {MANIFEST_NAME} says it holds rank(s) {} of tp {tp} (--ranks); those were checked",
+            crate::text::ranges(r)
+        ));
+    }
     // The source first: an output made from another checkpoint is one finding, not a mismatch in
-    // every tensor.
+    // every tensor. Tied copies are left out on both sides: a sharded input read back has none.
     let mut source_checked = false;
     if let Some(m) = &manifest {
         match &m.source_fingerprint {
@@ -259,40 +292,53 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
                 "{MANIFEST_NAME} records no source fingerprint (an older reshard wrote it), so the source was not \
                  checked first; the byte comparison still compares every tensor with the source"
             )),
-            Some(recorded) => match fingerprint::compare(recorded, &fingerprint::fingerprint(&ckpt)) {
-                fingerprint::Comparison::Same => source_checked = true,
-                fingerprint::Comparison::UnknownScheme(scheme) => notes.push(format!(
-                    "{MANIFEST_NAME} records a source fingerprint of scheme {}, which this reshard does not know: not checked",
-                    q(&scheme)
-                )),
-                fingerprint::Comparison::Differs(what) => {
-                    let f = finding(
-                        FindingKind::Source,
-                        None,
-                        None,
-                        format!(
-                            "{} was made from a different source than {}: {what}",
-                            crate::text::qp(out),
-                            crate::text::qp(&src.input)
-                        ),
-                    );
-                    let target = m.target.as_ref().map(|t| t.name.clone());
-                    let mut r = report(&resolved, target, tp, vec![f], 0, 0, 0, false, vec![]);
-                    r.notes = vec!["nothing else was compared: the output was not made from this source".into()];
-                    return Ok(r);
+            Some(recorded) => {
+                let aliases: Vec<&str> = resolved.aliases.iter().map(|(a, _)| a.as_str()).collect();
+                let now = opened.fingerprint().without(aliases.iter().copied());
+                match fingerprint::compare(&recorded.without(aliases.iter().copied()), &now) {
+                    fingerprint::Comparison::Same => source_checked = true,
+                    fingerprint::Comparison::UnknownScheme(scheme) => notes.push(format!(
+                        "{MANIFEST_NAME} records a source fingerprint of scheme {}, which this reshard does not know: not checked",
+                        q(&scheme)
+                    )),
+                    fingerprint::Comparison::Differs(what) => {
+                        let f = finding(
+                            FindingKind::Source,
+                            None,
+                            None,
+                            format!(
+                                "{} was made from a different source than {}: {what}",
+                                crate::text::qp(out),
+                                crate::text::qp(&src.input)
+                            ),
+                        );
+                        let target = m.target.as_ref().map(|t| t.name.clone());
+                        let mut r = report(&resolved, target, tp, vec![f], 0, 0, 0, false, vec![]);
+                        r.notes = vec!["nothing else was compared: the output was not made from this source".into()];
+                        return Ok(r);
+                    }
                 }
-            },
+            }
         }
     }
-    for s in strays {
-        findings.push(Finding {
-            file: Some(s.clone()),
-            ..finding(FindingKind::Extra, None, None, format!("unexpected weight file {}", q(&s)))
-        });
+    if !hf {
+        for s in strays {
+            findings.push(Finding {
+                file: Some(s.clone()),
+                ..finding(FindingKind::Extra, None, None, format!("unexpected weight file {}", q(&s)))
+            });
+        }
     }
     for (&r, parts) in &ranks {
         if r >= tp {
             findings.push(finding(FindingKind::Extra, Some(r), None, format!("files for rank {r}, but tp is {tp}")));
+        } else if only.as_ref().is_some_and(|o| !o.contains(&r)) {
+            findings.push(finding(
+                FindingKind::Extra,
+                Some(r),
+                None,
+                format!("files for rank {r}, which {MANIFEST_NAME} says this partial output does not hold"),
+            ));
         }
         for (i, (p, name)) in parts.iter().enumerate() {
             if *p != i {
@@ -312,6 +358,7 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
     // The cast of `convert --dtype`: from the manifest, or, without one, from the files themselves.
     let dtype = match &manifest {
         Some(m) => m.dtype,
+        None if hf => None,
         None => infer_cast(&resolved, out, &ranks),
     };
     // The target: the manifest's, or, without one, the one asked for.
@@ -319,7 +366,14 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
         Some(m) => m.target.as_ref().map(|t| t.name.clone()),
         None => opts.target.clone(),
     };
-    let plan = match resolved.plan(&plan::PlanOptions { dtype, target, ..plan::PlanOptions::new(tp) }) {
+    let planned = if hf {
+        let shapes = opened.logical().tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+        let part = manifest.as_ref().map_or(plan::DEFAULT_MAX_PART_SIZE, |m| m.max_part_size);
+        resolved.plan_hf(part, &shapes)
+    } else {
+        resolved.plan(&plan::PlanOptions { dtype, target, ranks: only.clone(), ..plan::PlanOptions::new(tp) })
+    };
+    let logical_plan = match planned {
         Ok(p) => p,
         Err(e) => {
             let (kind, what) = match (&e, dtype) {
@@ -328,6 +382,7 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
                 (plan::PlanError::Cast { .. }, Some(d)) => {
                     (FindingKind::Manifest, format!("{MANIFEST_NAME} says the output was cast to {d}, but"))
                 }
+                (plan::PlanError::Ranks(_), _) => (FindingKind::Manifest, format!("{MANIFEST_NAME}:")),
                 _ => (FindingKind::Shape, format!("the output's tp {tp} is not valid for the source:")),
             };
             findings.push(finding(kind, None, None, format!("{what} {e}")));
@@ -337,13 +392,26 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
             return Ok(r);
         }
     };
-    findings.extend(check_aliases(&ckpt, &plan));
-    findings.extend(check_coverage(&ckpt.meta, &plan));
+    let plan = match &opened.backward {
+        Some(b) => b.compose(&logical_plan),
+        None => logical_plan.clone(),
+    };
+    findings.extend(check_aliases(ckpt, &plan));
+    // Coverage is a property of the whole plan, from the tensors it is made from.
+    let whole = if logical_plan.ranks.is_some() {
+        resolved
+            .plan(&plan::PlanOptions { ranks: None, ..plan::PlanOptions { dtype, ..plan::PlanOptions::new(tp) } })
+            .ok()
+    } else {
+        None
+    };
+    findings.extend(check_coverage(opened.logical(), whole.as_ref().unwrap_or(&logical_plan)));
     let empty = Vec::new();
     opts.progress.start("verifying", plan.output_bytes(), crate::progress::Unit::Bytes);
-    let per_rank: Vec<RankResult> = (0..tp)
-        .into_par_iter()
-        .map(|r| check_rank(&ckpt, &plan, out, r, ranks.get(&r).unwrap_or(&empty), &opts.progress))
+    let checked: Vec<usize> = (0..tp).filter(|r| plan.writes_rank(*r)).collect();
+    let per_rank: Vec<RankResult> = checked
+        .par_iter()
+        .map(|&r| check_rank(ckpt, &plan, out, r, ranks.get(&r).unwrap_or(&empty), &opts.progress))
         .collect();
     let (mut files, mut tensors, mut bytes) = (0, 0, 0);
     let mut shards = Vec::with_capacity(tp);
@@ -355,24 +423,37 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
         shards.extend(rr.shard);
     }
     if let Some(m) = &manifest {
-        findings.extend(check_manifest(m, out, tp, &ranks, &mapping));
+        findings.extend(check_manifest(m, out, tp, &ranks, mapping));
     }
     let mut layers = Vec::new();
-    // Without findings every rank's files opened, so `shards` holds all tp ranks in order.
-    if opts.forward && mapping.file.cross_attention.is_some() && findings.is_empty() && shards.len() == tp {
-        layers =
-            forward::check_all(&ckpt, &mapping, &resolved.dims, &shards, opts, forward::tolerance_for(plan.dtype))?;
+    let forward_possible = mapping.file.cross_attention.is_some() && !hf && only.is_none();
+    if opts.forward && forward_possible && opened.backward.is_some() {
+        notes.push(
+            "the cross-attention forward check was not run: it computes the reference from the unsplit source \
+             weights, which a sharded source does not hold (every byte was compared with the source's)"
+                .into(),
+        );
+    } else if opts.forward && forward_possible && findings.is_empty() && shards.len() == tp {
+        // Without findings every rank's files opened, so `shards` holds all tp ranks in order.
+        layers = forward::check_all(ckpt, mapping, &resolved.dims, &shards, opts, forward::tolerance_for(plan.dtype))?;
         for l in &layers {
             if let Some(msg) = l.problem() {
                 findings.push(finding(FindingKind::Forward, None, Some(&l.module), msg));
             }
         }
+    } else if opts.forward && mapping.file.cross_attention.is_some() && (hf || only.is_some()) {
+        notes.push(format!(
+            "the cross-attention forward check was not run: it needs every rank of a sharded output{}",
+            if hf { "; this is a Hugging Face checkpoint, compared byte for byte" } else { "" }
+        ));
     }
     let target = plan.target.as_ref().map(|t| t.name.clone());
     let mut r = report(&resolved, target, tp, findings, files, tensors, bytes, manifest.is_some(), layers);
     r.source_checked = source_checked;
-    r.dtypes = dtype_counts(&ckpt.meta, &plan);
+    r.dtypes = dtype_counts(opened.logical(), &logical_plan);
     r.notes = notes;
+    r.ranks = only;
+    r.output = if hf { plan::OutputKind::HuggingFace } else { plan::OutputKind::Shards };
     Ok(r)
 }
 
@@ -415,6 +496,8 @@ fn report(
         notes: vec![],
         forward,
         findings,
+        ranks: None,
+        output: plan::OutputKind::Shards,
     }
 }
 
@@ -564,12 +647,14 @@ fn compare_tensor(ckpt: &Checkpoint, t: &OutTensor, got: &[u8]) -> Option<Findin
     let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * elem;
     for piece in &t.pieces {
         match piece {
-            Piece::Copy { source, source_shape, dim, start, end, rows } => {
-                let src = ckpt.tensor_bytes(source).unwrap_or(&[]);
-                let src_dtype = ckpt.meta.tensors.get(source).map_or(t.dtype, |i| i.dtype);
+            Piece::Copy { rows, .. } | Piece::Concat { rows, .. } => {
+                let dtype_of = |s: &str| ckpt.meta.tensors.get(s).map(|i| i.dtype);
+                let runs = split::piece_runs(piece, &|s| dtype_of(s).map(|d| d.size())).unwrap_or_default();
                 let mut at = rows[0] * row_bytes;
                 let mut cast = Vec::new();
-                for (off, src_len) in byte_runs(source_shape, src_dtype.size(), *dim, *start, *end) {
+                for (source, off, src_len) in runs {
+                    let src = ckpt.tensor_bytes(source).unwrap_or(&[]);
+                    let src_dtype = dtype_of(source).unwrap_or(t.dtype);
                     let len = src_len / src_dtype.size() * elem;
                     let mut want = src.get(off..off + src_len);
                     if src_dtype != t.dtype {
@@ -591,15 +676,17 @@ fn compare_tensor(ckpt: &Checkpoint, t: &OutTensor, got: &[u8]) -> Option<Findin
                         let value = |b: Option<&[u8]>, o: usize| {
                             b.and_then(|b| b.get(o - o % elem..o - o % elem + elem)).map(|b| show(t.dtype, b))
                         };
+                        let slice = piece
+                            .slices()
+                            .into_iter()
+                            .find(|s| s.0 == source)
+                            .filter(|(_, shape, dim, start, end)| !(*start == 0 && shape.get(*dim) == Some(end)))
+                            .map(|(_, _, dim, start, end)| format!("[{}{start}..{end}]", ":, ".repeat(dim)))
+                            .unwrap_or_default();
                         let message = format!(
-                            "element {} differs from {}{} (expected {}, found {})",
+                            "element {} differs from {}{slice} (expected {}, found {})",
                             crate::text::shape(&unravel(e, &t.shape)),
                             q(source),
-                            if *start == 0 && source_shape.get(*dim) == Some(end) {
-                                String::new()
-                            } else {
-                                format!("[{}{start}..{end}]", ":, ".repeat(*dim))
-                            },
                             value(want, i).unwrap_or_else(|| "?".into()),
                             value(have, i).unwrap_or_else(|| "?".into()),
                         );
@@ -650,7 +737,8 @@ fn compare_tensor(ckpt: &Checkpoint, t: &OutTensor, got: &[u8]) -> Option<Findin
     None
 }
 
-fn show(dtype: Dtype, b: &[u8]) -> String {
+/// One element's bytes as a number (or hex when the dtype has no decoder).
+pub(crate) fn show(dtype: Dtype, b: &[u8]) -> String {
     match dtype::to_f32(dtype, b) {
         Some(v) if v.len() == 1 => format!("{}", v[0]),
         _ => format!("0x{}", b.iter().rev().map(|x| format!("{x:02x}")).collect::<String>()),
@@ -658,7 +746,7 @@ fn show(dtype: Dtype, b: &[u8]) -> String {
 }
 
 /// Flat element index -> multi-index.
-fn unravel(mut e: usize, shape: &[usize]) -> Vec<usize> {
+pub(crate) fn unravel(mut e: usize, shape: &[usize]) -> Vec<usize> {
     let mut idx = vec![0; shape.len()];
     for (i, &d) in shape.iter().enumerate().rev() {
         if d > 0 {

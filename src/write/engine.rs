@@ -25,7 +25,7 @@
 use super::{io, manifest::FileEntry, WriteError};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::{self, Dtype};
-use crate::plan::{split::byte_runs, FilePlan, Piece, ShardPlan};
+use crate::plan::{split, FilePlan, Piece, ShardPlan};
 use rayon::prelude::*;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -110,15 +110,16 @@ fn cut(
         let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * t.dtype.size();
         for piece in &t.pieces {
             match piece {
-                Piece::Copy { source, source_shape, dim, start, end, .. } => {
-                    let info = ckpt
-                        .meta
-                        .tensors
-                        .get(source)
-                        .ok_or_else(|| WriteError::Internal { tensor: t.name.clone(), from: source.clone() })?;
-                    let elem = info.dtype.size();
-                    let cast = (info.dtype != t.dtype).then_some((info.dtype, t.dtype));
-                    for (off, len) in byte_runs(source_shape, elem, *dim, *start, *end) {
+                Piece::Copy { .. } | Piece::Concat { .. } => {
+                    let elem_of = |s: &str| ckpt.meta.tensors.get(s).map(|i| i.dtype.size());
+                    let runs = split::piece_runs(piece, &elem_of).ok_or_else(|| WriteError::Internal {
+                        tensor: t.name.clone(),
+                        from: piece.slices().first().map_or_else(String::new, |s| s.0.to_string()),
+                    })?;
+                    for (source, off, len) in runs {
+                        let info = &ckpt.meta.tensors[source];
+                        let elem = info.dtype.size();
+                        let cast = (info.dtype != t.dtype).then_some((info.dtype, t.dtype));
                         let src_off = info.start + off as u64;
                         if cast.is_none() && len >= BIG_RUN {
                             let mut dst = g.skip_to(&mut out);

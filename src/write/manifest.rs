@@ -4,7 +4,7 @@
 use crate::checkpoint::fingerprint::Fingerprint;
 use crate::checkpoint::CheckpointMeta;
 use crate::mapping::engine::EngineTarget;
-use crate::plan::{OutTensor, ShardPlan, PLAN_FORMAT_VERSION};
+use crate::plan::{FromShards, OutTensor, OutputKind, ShardPlan, PLAN_FORMAT_VERSION};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// One written file.
@@ -76,11 +76,25 @@ pub struct Manifest {
     pub copied_files: Vec<String>,
     /// `[alias, primary]` pairs checked identical and not written.
     pub aliases: Vec<[String; 2]>,
+    /// What was written (absent: shards).
+    #[serde(default, skip_serializing_if = "OutputKind::is_shards")]
+    pub output: OutputKind,
+    /// A partial output (`--ranks`): the only ranks it holds (absent: every rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<Vec<usize>>,
+    /// The sharded input it was made from (absent: a Hugging Face checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_shards: Option<FromShards>,
     /// Output files.
     pub files: Vec<ManifestFile>,
 }
 
 impl Manifest {
+    /// Whether it describes a Hugging Face checkpoint (`reshard merge`).
+    pub fn output_is_hf(&self) -> bool {
+        self.output == OutputKind::HuggingFace
+    }
+
     /// Builds the manifest of a finished write.
     pub fn new(
         meta: &CheckpointMeta,
@@ -104,6 +118,9 @@ impl Manifest {
             source_fingerprint: Some(fingerprint),
             copied_files: copied.to_vec(),
             aliases: plan.aliases.clone(),
+            output: plan.output,
+            ranks: plan.ranks.clone(),
+            from_shards: plan.from_shards.clone(),
             files: plan
                 .files
                 .iter()

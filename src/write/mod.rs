@@ -316,7 +316,12 @@ impl Staged {
 /// directory beside `opts.out`, claimed as described in `publish.rs`: a conversion of the same
 /// `--out` still running is an error ([`WriteError::Busy`]), leftovers of dead runs are removed
 /// (with a note on stderr). On error the staging directory is removed.
-pub fn write_staged(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<Staged, WriteError> {
+pub fn write_staged(
+    ckpt: &Checkpoint,
+    plan: &ShardPlan,
+    fingerprint: crate::checkpoint::fingerprint::Fingerprint,
+    opts: &WriteOptions,
+) -> Result<Staged, WriteError> {
     let out = without_trailing_slash(&opts.out);
     let before = check_out(&ckpt.meta.dir, &out, opts.force)?;
     check_aliases(ckpt, plan)?;
@@ -326,28 +331,49 @@ pub fn write_staged(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) ->
         eprintln!("note: removed {}, left by an interrupted run", qp(&r));
     }
     crash_point();
-    let summary = write_into(ckpt, plan, &tmp, opts)?;
+    let summary = write_into(ckpt, plan, fingerprint, &tmp, opts)?;
     Ok(Staged { ticket, dir: tmp, out, force: opts.force, before, summary })
 }
 
-/// [`write_staged`] then [`Staged::publish`].
+/// [`write_staged`] then [`Staged::publish`], with the fingerprint of `ckpt`'s tensors.
 pub fn write_plan(ckpt: &Checkpoint, plan: &ShardPlan, opts: &WriteOptions) -> Result<WriteSummary, WriteError> {
-    write_staged(ckpt, plan, opts)?.publish()
+    write_staged(ckpt, plan, crate::checkpoint::fingerprint::fingerprint(ckpt), opts)?.publish()
+}
+
+/// The index transformers writes beside the parts of a sharded checkpoint.
+fn hf_index(plan: &ShardPlan) -> serde_json::Value {
+    let weight_map: serde_json::Map<String, serde_json::Value> = plan
+        .files
+        .iter()
+        .flat_map(|f| f.tensors.iter().map(move |t| (t.name.clone(), serde_json::Value::from(f.name.clone()))))
+        .collect();
+    let total: u64 = plan.files.iter().flat_map(|f| &f.tensors).map(|t| t.nbytes).sum();
+    serde_json::json!({ "metadata": { "total_size": total }, "weight_map": weight_map })
 }
 
 fn write_into(
     ckpt: &Checkpoint,
     plan: &ShardPlan,
+    fp: crate::checkpoint::fingerprint::Fingerprint,
     tmp: &Path,
     opts: &WriteOptions,
 ) -> Result<WriteSummary, WriteError> {
-    // Before the data: the pages it samples are then read once, on a cold cache too, as the
-    // writer reads every byte of the source after it.
-    let fp = crate::checkpoint::fingerprint::fingerprint(ckpt);
     let files = engine::write_files(ckpt, plan, tmp, opts.progress, opts.fsync)?;
+    if plan.output == crate::plan::OutputKind::HuggingFace && plan.files.len() > 1 {
+        let path = tmp.join(crate::checkpoint::index::INDEX_NAME);
+        let mut text = serde_json::to_vec_pretty(&hf_index(plan)).expect("an index serializes");
+        text.push(b'\n');
+        let mut w = File::create(&path).map_err(io(&path))?;
+        w.write_all(&text).map_err(io(&path))?;
+        if opts.fsync {
+            w.sync_all().map_err(io(&path))?;
+        }
+        crash_point();
+    }
     let mut copied = Vec::new();
     for (i, name) in ckpt.meta.extra_files.iter().enumerate() {
-        if name == MANIFEST_NAME {
+        // An input's manifest describes the input; an index would describe other files.
+        if name == MANIFEST_NAME || name == crate::checkpoint::index::INDEX_NAME {
             continue;
         }
         let dst = tmp.join(name);
