@@ -175,7 +175,8 @@ impl Input {
     /// The plan of a Hugging Face checkpoint of every source tensor (`reshard merge`).
     pub fn plan_hf(&self, max_part_size: u64) -> Result<ShardPlan, Error> {
         let shapes = self.logical().tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
-        Ok(self.reads(self.resolve()?.plan_hf(max_part_size, &shapes)?))
+        let name = |n: &str| self.mapping.hf_name(n);
+        Ok(self.reads(self.resolve()?.plan_hf(max_part_size, &shapes, &name)?))
     }
 
     /// Maps the files; for a sharded directory, checks every copy the plans do not read

@@ -290,6 +290,11 @@ pub struct MappingFile {
     /// Source-name prefix rewrites, tried in order (first match wins).
     #[serde(default)]
     pub source_prefixes: Vec<PrefixRename>,
+    /// Prefix rewrites from the canonical source names to the names current transformers writes
+    /// (`save_pretrained`), for a Hugging Face checkpoint written by `reshard merge`; tried in
+    /// order, first match wins (none: the canonical names).
+    #[serde(default)]
+    pub hf_prefixes: Vec<PrefixRename>,
     /// The rules.
     pub params: Vec<ParamSpec>,
     /// Config/tensor consistency checks.
@@ -631,6 +636,18 @@ impl Mapping {
     /// when the mapping declares no targets and none was asked for.
     pub fn target(&self, want: Option<&str>) -> Result<Option<&EngineTarget>, String> {
         engine::select(&self.file.engines, self.file.default_engine.as_deref(), want)
+    }
+
+    /// The name a Hugging Face checkpoint written by `reshard merge` gives source `name`: its
+    /// canonical form, then `hf_prefixes`.
+    pub fn hf_name(&self, name: &str) -> String {
+        let c = self.canonical(name);
+        for p in &self.file.hf_prefixes {
+            if let Some(rest) = c.strip_prefix(p.from.as_str()) {
+                return format!("{}{rest}", p.to);
+            }
+        }
+        c.into_owned()
     }
 
     /// The canonical form of a source name (after `source_prefixes`).

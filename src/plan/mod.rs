@@ -1204,8 +1204,14 @@ impl Resolved {
     /// name (aliases and synthesized parts are not sources), in natural name order, split into
     /// parts of at most `max_part_size` bytes as transformers does: `model.safetensors`, or
     /// `model-00001-of-0000N.safetensors` and an index (`reshard merge`). `shapes` gives each
-    /// source's shape as stored (before a mapping's reshape).
-    pub fn plan_hf(&self, max_part_size: u64, shapes: &BTreeMap<String, Vec<usize>>) -> Result<ShardPlan, PlanError> {
+    /// source's shape as stored (before a mapping's reshape), `hf_name` the name it is written
+    /// under ([`Mapping::hf_name`]).
+    pub fn plan_hf(
+        &self,
+        max_part_size: u64,
+        shapes: &BTreeMap<String, Vec<usize>>,
+        hf_name: &dyn Fn(&str) -> String,
+    ) -> Result<ShardPlan, PlanError> {
         if max_part_size == 0 {
             return Err(PlanError::ZeroPartSize);
         }
@@ -1228,7 +1234,7 @@ impl Resolved {
                     rows: [0, rows],
                 };
                 tensors.push(OutTensor {
-                    name,
+                    name: hf_name(&name),
                     dtype: p.dtype,
                     shape,
                     split: "whole".into(),

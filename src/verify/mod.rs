@@ -369,7 +369,7 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
     let planned = if hf {
         let shapes = opened.logical().tensors.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
         let part = manifest.as_ref().map_or(plan::DEFAULT_MAX_PART_SIZE, |m| m.max_part_size);
-        resolved.plan_hf(part, &shapes)
+        resolved.plan_hf(part, &shapes, &|n: &str| mapping.hf_name(n))
     } else {
         resolved.plan(&plan::PlanOptions { dtype, target, ranks: only.clone(), ..plan::PlanOptions::new(tp) })
     };
