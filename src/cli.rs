@@ -285,14 +285,18 @@ pub struct SourceArgs {
     /// Write (and verify) only these ranks, e.g. `8-15` or `0,2,4-5`: everything is planned, and
     /// the manifest records that the output is partial (one node of a multi-node deployment).
     #[arg(long, value_name = "RANKS", value_parser = parse_ranks)]
-    pub ranks: Option<Vec<usize>>,
+    pub ranks: Option<RankList>,
     /// Print JSON on stdout instead of a human report.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Rank numbers, sorted (`--ranks`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RankList(pub Vec<usize>);
+
 /// Parses `8-15`, `3` or `0,2,4-5` into sorted rank numbers.
-pub fn parse_ranks(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_ranks(s: &str) -> Result<RankList, String> {
     let mut out = Vec::new();
     for item in s.split(',') {
         let item = item.trim();
@@ -315,7 +319,7 @@ pub fn parse_ranks(s: &str) -> Result<Vec<usize>, String> {
     }
     out.sort_unstable();
     out.dedup();
-    Ok(out)
+    Ok(RankList(out))
 }
 
 impl SourceArgs {
@@ -331,7 +335,7 @@ impl SourceArgs {
             max_part_size: self.max_part_size,
             dtype,
             target: self.target.clone(),
-            ranks: self.ranks.clone(),
+            ranks: self.ranks.clone().map(|r| r.0),
         }
     }
 }
@@ -455,8 +459,8 @@ mod tests {
 
     #[test]
     fn ranks() {
-        assert_eq!(parse_ranks("8-11"), Ok(vec![8, 9, 10, 11]));
-        assert_eq!(parse_ranks("3,0-1,3"), Ok(vec![0, 1, 3]));
+        assert_eq!(parse_ranks("8-11"), Ok(RankList(vec![8, 9, 10, 11])));
+        assert_eq!(parse_ranks("3,0-1,3"), Ok(RankList(vec![0, 1, 3])));
         assert!(parse_ranks("5-2").unwrap_err().contains("empty"));
         assert!(parse_ranks("x").unwrap_err().contains("`x` is not a rank number"));
         assert!(parse_ranks("0-99999999").unwrap_err().contains("too many"));

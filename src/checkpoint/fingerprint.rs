@@ -1,8 +1,8 @@
 //! A cheap fingerprint of a checkpoint's tensors, recorded in the manifest so that `verify` can
 //! say that an output was made from another source before it compares a byte (issue #14).
 //!
-//! Entry points: [`fingerprint`] and [`compare`]. Each tensor gets a CRC-32 of its name, dtype,
-//! shape and some of its data: all of it up to [`WHOLE`] bytes, else [`WINDOWS`] windows of
+//! Entry points: [`fingerprint`] and [`compare`]. Each tensor gets a CRC-32 of its dtype,
+//! shape and some of its data, keyed by its name: all of it up to [`WHOLE`] bytes, else [`WINDOWS`] windows of
 //! [`WINDOW`] bytes spread evenly from the first byte to the last. So it reads at most a few pages
 //! per tensor, and verify reads those pages again anyway. It is about the tensors, not the files:
 //! the same tensors re-saved with another header order, metadata or file split are the same
@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The name of the scheme below, recorded with the fingerprint.
-pub const SCHEME: &str = "sampled-crc32-v1";
+pub const SCHEME: &str = "sampled-crc32-v2";
 /// Tensors up to this many bytes are hashed whole.
 pub const WHOLE: usize = 4096;
 /// Windows sampled from a larger tensor.
@@ -50,9 +50,9 @@ pub fn fingerprint_with(tensors: &BTreeMap<String, TensorInfo>, read: &ReadFn<'_
     let tensors: BTreeMap<String, String> = tensors
         .par_iter()
         .map(|(name, info)| {
+            // Not the name (v1 hashed it): it is the key, and the same tensor may be named in
+            // another convention (a mapping's `source_prefixes`; issue #16).
             let mut h = crc32fast::Hasher::new();
-            h.update(name.as_bytes());
-            h.update(&[0]);
             h.update(info.dtype.name().as_bytes());
             h.update(&[0]);
             h.update(&(info.shape.len() as u64).to_le_bytes());
@@ -98,6 +98,13 @@ impl Fingerprint {
         for n in drop {
             tensors.remove(n);
         }
+        Fingerprint { scheme: self.scheme.clone(), crc32: overall(&tensors), tensors }
+    }
+
+    /// The fingerprint with every tensor named by `name` (a mapping's canonical names), so that
+    /// a checkpoint and the shards made from it, read back under canonical names, compare alike.
+    pub fn renamed(&self, name: impl Fn(&str) -> String) -> Fingerprint {
+        let tensors: BTreeMap<String, String> = self.tensors.iter().map(|(n, c)| (name(n), c.clone())).collect();
         Fingerprint { scheme: self.scheme.clone(), crc32: overall(&tensors), tensors }
     }
 }

@@ -650,6 +650,11 @@ impl Mapping {
         c.into_owned()
     }
 
+    /// Whether canonical source name `name` is a rule's alias (a tied copy that is not written).
+    pub fn is_alias(&self, name: &str) -> bool {
+        self.rules.iter().any(|r| r.aliases.iter().any(|a| a.matches(name).is_some()))
+    }
+
     /// The canonical form of a source name (after `source_prefixes`).
     pub fn canonical<'a>(&self, name: &'a str) -> std::borrow::Cow<'a, str> {
         for p in &self.file.source_prefixes {

@@ -42,8 +42,8 @@ pub enum BackwardError {
     Unclaimed { dir: PathBuf, mapping: String, names: Vec<String> },
     #[error("{}: tensor {} matches both {a} and {b} of mapping {mapping}", qp(dir), q(tensor))]
     Ambiguous { dir: PathBuf, tensor: String, mapping: String, a: String, b: String },
-    #[error("{}: rank 0 tensor {} ({}): {msg}", qp(dir), q(tensor), fmt_shape(shape))]
-    Shape { dir: PathBuf, tensor: String, shape: Vec<usize>, msg: String },
+    #[error("{} read as tp {tp} ({how}): rank 0 tensor {} {}: {msg}", qp(dir), q(tensor), fmt_shape(shape))]
+    Shape { dir: PathBuf, tp: usize, how: String, tensor: String, shape: Vec<usize>, msg: String },
     #[error("{}: {msg}", qp(dir))]
     Target { dir: PathBuf, msg: String },
     #[error("{} read as tp {tp} ({how}) does not hold what a conversion at tp {tp} writes:{}", qp(dir), problems.iter().map(|p| format!("\n  {p}")).collect::<String>())]
@@ -222,7 +222,14 @@ impl Backward {
             let (_, name) = found.iter().next().expect("an instance has a tensor");
             let info = &rank0[name];
             let shape_err = |msg: String| {
-                boxed(BackwardError::Shape { dir: dir.clone(), tensor: name.clone(), shape: info.shape.clone(), msg })
+                boxed(BackwardError::Shape {
+                    dir: dir.clone(),
+                    tp,
+                    how: how.clone(),
+                    tensor: name.clone(),
+                    shape: info.shape.clone(),
+                    msg,
+                })
             };
             let parts: Vec<(String, bool)> = rule
                 .parts
@@ -312,7 +319,7 @@ impl Backward {
                 };
                 if let Some(primary) = ties.get(t.name.as_str()) {
                     let of = Region { tensor: primary.to_string(), ..whole.clone() };
-                    expects.push(Expect::Same { region: whole, of, what: format!("tied to {}", q(primary)) });
+                    expects.push(Expect::Same { region: whole, of, what: format!("its tied copy {}", q(primary)) });
                     continue;
                 }
                 for piece in &t.pieces {

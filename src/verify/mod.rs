@@ -293,9 +293,13 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
                  checked first; the byte comparison still compares every tensor with the source"
             )),
             Some(recorded) => {
-                let aliases: Vec<&str> = resolved.aliases.iter().map(|(a, _)| a.as_str()).collect();
-                let now = opened.fingerprint().without(aliases.iter().copied());
-                match fingerprint::compare(&recorded.without(aliases.iter().copied()), &now) {
+                // Both under canonical names, without the tied copies a checkpoint may carry.
+                let alike = |f: &fingerprint::Fingerprint| {
+                    let f = f.renamed(|n| mapping.canonical(n).into_owned());
+                    let ties: Vec<String> = f.tensors.keys().filter(|n| mapping.is_alias(n)).cloned().collect();
+                    f.without(ties.iter().map(String::as_str))
+                };
+                match fingerprint::compare(&alike(recorded), &alike(&opened.fingerprint())) {
                     fingerprint::Comparison::Same => source_checked = true,
                     fingerprint::Comparison::UnknownScheme(scheme) => notes.push(format!(
                         "{MANIFEST_NAME} records a source fingerprint of scheme {}, which this reshard does not know: not checked",

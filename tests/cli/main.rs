@@ -13,6 +13,7 @@ mod gpu_cli;
 mod hostile;
 mod plan;
 mod races;
+mod reshard;
 mod signals;
 mod source;
 mod special;

@@ -46,7 +46,7 @@ fn issue14_verify_against_a_different_source_of_the_same_shape() {
     convert(&fixture("bart-tiny"), &out);
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("reshard-manifest.json")).unwrap()).unwrap();
-    assert_eq!(m["source_fingerprint"]["scheme"], "sampled-crc32-v1");
+    assert_eq!(m["source_fingerprint"]["scheme"], "sampled-crc32-v2");
     assert_eq!(m["source_fingerprint"]["tensors"].as_object().unwrap().len(), 92);
     // Another checkpoint, same names, dtypes and shapes, other weights.
     let other = rewritten(tmp.path(), scale_all);
