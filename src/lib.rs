@@ -184,7 +184,7 @@ impl Input {
     pub fn open(self) -> Result<Opened, Error> {
         let ckpt = Checkpoint::open(self.meta)?;
         if let Some(b) = &self.backward {
-            b.check(&ckpt).map_err(|e| PlanError::Backward(Box::new(e)))?;
+            b.check(&ckpt).map_err(PlanError::Backward)?;
         }
         Ok(Opened { ckpt, mapping: self.mapping, backward: self.backward })
     }

@@ -128,14 +128,17 @@ impl ShardedMeta {
             None => (n, format!("tp {n} from the file names (ranks 0-{}; no {MANIFEST_NAME})", n.saturating_sub(1))),
         };
         if found.iter().enumerate().any(|(i, r)| i != *r) || n != tp {
-            let missing: Vec<usize> =
-                (0..tp.max(found.last().map_or(0, |l| l + 1))).filter(|r| !by_rank.contains_key(r)).collect();
+            // Bounded: a rank number in a file name can be anything up to usize::MAX.
+            let upto = tp.max(found.last().map_or(0, |l| l.saturating_add(1))).min(found.len() + 4096);
+            let mut missing: Vec<usize> = (0..upto).filter(|r| !by_rank.contains_key(r)).take(65).collect();
+            let more = if missing.len() > 64 { ", ..." } else { "" };
+            missing.truncate(64);
             let mut why = format!("files for rank(s) {}", crate::text::ranges(&found));
             if manifest.is_some() {
                 why += &format!(", but {MANIFEST_NAME} says tp {tp}");
             }
             if !missing.is_empty() {
-                why += &format!("; rank(s) {} have no files", crate::text::ranges(&missing));
+                why += &format!("; rank(s) {}{more} have no files", crate::text::ranges(&missing));
             }
             return Err(tp_err(why));
         }

@@ -398,7 +398,7 @@ impl Backward {
     /// Checks every copy the writer does not read against the one it reads, padding and
     /// synthesized parts for zeros, constants for their value; the first failure (in plan order)
     /// names the rank, the tensor and the element.
-    pub fn check(&self, ckpt: &Checkpoint) -> Result<(), BackwardError> {
+    pub fn check(&self, ckpt: &Checkpoint) -> Result<(), Box<BackwardError>> {
         let bytes = |r: &Region| -> &[u8] {
             let all = ckpt.tensor_bytes(&rank_tensor(&r.tensor, r.rank)).unwrap_or(&[]);
             all.get(r.bytes[0]..r.bytes[1]).unwrap_or(&[])
@@ -438,13 +438,13 @@ impl Backward {
             Some(want) => format!("differs from {what}: {found} where it has {}", at(want, 0)),
             None => format!("{what} but is {found}"),
         };
-        Err(BackwardError::Check {
+        Err(Box::new(BackwardError::Check {
             dir: self.dir.clone(),
             rank: region.rank,
             tensor: region.tensor,
             element: crate::verify::unravel(e, &shape),
             msg,
-        })
+        }))
     }
 
     /// `plan` (made from [`Backward::resolved`]) reading the rank files: every piece that

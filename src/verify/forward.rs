@@ -523,12 +523,32 @@ fn non_finite_weights(c: &Checkpoint, mapping: Option<&Mapping>, names: &[&Strin
     out
 }
 
+/// What the shards are compared with.
+pub enum Reference<'a> {
+    /// The layer computed from the unsplit source weights.
+    Source(&'a Checkpoint),
+    /// A sharded source (`plan::backward`): the layer computed from its ranks as they would
+    /// compute it (a layout the byte comparison proved equal to the source's); `logical` is the
+    /// checkpoint it was made from (names, shapes and dtypes).
+    Shards {
+        /// Its ranks, rank 0 first.
+        ranks: &'a [Checkpoint],
+        /// The checkpoint read back.
+        logical: &'a crate::checkpoint::CheckpointMeta,
+    },
+}
+
 /// The layer indices of the family's cross-attention, from the source tensor names.
 pub fn layers(src: &Checkpoint, mapping: &Mapping) -> Vec<usize> {
+    layers_in(&src.meta, mapping)
+}
+
+/// [`layers`] of the tensor names of `meta`.
+pub fn layers_in(meta: &crate::checkpoint::CheckpointMeta, mapping: &Mapping) -> Vec<usize> {
     let Some(spec) = &mapping.file.cross_attention else { return vec![] };
     let Ok(p) = Pattern::parse(&spec.layers) else { return vec![] };
     let mut v: Vec<usize> =
-        src.meta.tensors.keys().filter_map(|n| p.matches(&mapping.canonical(n))?.get("i")?.parse().ok()).collect();
+        meta.tensors.keys().filter_map(|n| p.matches(&mapping.canonical(n))?.get("i")?.parse().ok()).collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -536,11 +556,16 @@ pub fn layers(src: &Checkpoint, mapping: &Mapping) -> Vec<usize> {
 
 /// The shape parameters of the family's cross-attention, from the dims and config.
 pub fn shape(src: &Checkpoint, mapping: &Mapping, dims: &Dims) -> Result<AttnShape, Error> {
+    shape_of(&src.meta.config, mapping, dims)
+}
+
+/// [`shape`] from config.json.
+fn shape_of(config: &serde_json::Value, mapping: &Mapping, dims: &Dims) -> Result<AttnShape, Error> {
     let spec = cross_spec(mapping)?;
     let d = |n: &str| dims.get(n).copied().unwrap_or(0) as usize;
     let norm_eps = match &spec.norm_eps_config {
         Some(k) => Some(
-            crate::mapping::dims::lookup(&src.meta.config, k)
+            crate::mapping::dims::lookup(config, k)
                 .and_then(|v| v.as_f64())
                 .ok_or_else(|| forward_err(format!("config.json has no number at `{k}`")))?,
         ),
@@ -551,7 +576,7 @@ pub fn shape(src: &Checkpoint, mapping: &Mapping, dims: &Dims) -> Result<AttnSha
 
 /// Runs the check on every cross-attention layer.
 pub fn check_all(
-    src: &Checkpoint,
+    reference: Reference<'_>,
     mapping: &Mapping,
     dims: &Dims,
     ranks: &[Checkpoint],
@@ -561,10 +586,14 @@ pub fn check_all(
     if opts.tokens == 0 || opts.source_tokens == 0 {
         return Err(VerifyError::NoTokens.into());
     }
-    let s = shape(src, mapping, dims)?;
+    let meta = match &reference {
+        Reference::Source(c) => &c.meta,
+        Reference::Shards { logical, .. } => *logical,
+    };
+    let s = shape_of(&meta.config, mapping, dims)?;
     let spec = mapping.file.cross_attention.as_ref().expect("caller checked");
     let mut out = Vec::new();
-    let all = layers(src, mapping);
+    let all = layers_in(meta, mapping);
     opts.progress.start("forward check", all.len() as u64, crate::progress::Unit::Items);
     for layer in all {
         let module = spec.source.q.rsplit_once('.').map(|(m, _)| m).unwrap_or(&spec.source.q);
@@ -574,10 +603,18 @@ pub fn check_all(
         let dtype_of = |c: &Checkpoint, m: Option<&Mapping>, n: &AttnNames| {
             get(c, m, &n.q).map(|(_, d, _)| d).ok_or_else(|| forward_err(format!("tensor {} not found", q(&n.q))))
         };
+        let source_dtype = match &reference {
+            Reference::Source(src) => dtype_of(src, Some(mapping), &src_attn)?,
+            Reference::Shards { logical, .. } => logical
+                .tensors
+                .get(&src_attn.q)
+                .map(|t| t.dtype)
+                .ok_or_else(|| forward_err(format!("tensor {} not found", q(&src_attn.q))))?,
+        };
         let mut check = LayerCheck {
             layer,
             module: render(module, layer),
-            source_dtype: dtype_of(src, Some(mapping), &src_attn)?,
+            source_dtype,
             shard_dtype: match ranks.first() {
                 Some(c) => dtype_of(c, None, &shard_attn)?,
                 None => return Err(forward_err("no ranks".into())),
@@ -591,12 +628,16 @@ pub fn check_all(
             skipped: None,
             passed: true,
         };
-        let skip = non_float(src, Some(mapping), &src_names).or_else(|| {
-            ranks
-                .iter()
+        let in_ranks = |cs: &[Checkpoint], what: &str| {
+            cs.iter()
                 .enumerate()
-                .find_map(|(r, c)| non_float(c, None, &shard_names).map(|m| format!("rank {r}: {m}")))
-        });
+                .find_map(|(r, c)| non_float(c, None, &shard_names).map(|m| format!("{what}rank {r}: {m}")))
+        };
+        let skip = match &reference {
+            Reference::Source(src) => non_float(src, Some(mapping), &src_names),
+            Reference::Shards { ranks: input, .. } => in_ranks(input, "source "),
+        }
+        .or_else(|| in_ranks(ranks, ""));
         if let Some(why) = skip {
             check.skipped =
                 Some(format!("{why}; the forward check computes float weights only (its bytes were compared)"));
@@ -604,21 +645,39 @@ pub fn check_all(
             opts.progress.inc(1);
             continue;
         }
-        let enc_dim = mat(src, Some(mapping), &render(spec.source.k.as_deref().unwrap_or_default(), layer))?.cols;
+        let k = render(spec.source.k.as_deref().unwrap_or_default(), layer);
+        let enc_dim = match &reference {
+            Reference::Source(src) => mat(src, Some(mapping), &k)?.cols,
+            Reference::Shards { logical, .. } => logical
+                .tensors
+                .get(&k)
+                .and_then(|t| t.shape.get(1).copied())
+                .ok_or_else(|| forward_err(format!("tensor {} not found", q(&k))))?,
+        };
         let x = random_act(opts.tokens, s.hidden, opts.seed ^ (layer as u64) << 32);
         let e = random_act(opts.source_tokens, enc_dim, opts.seed ^ (layer as u64) << 32 ^ 1);
-        let reference = forward_source(src, mapping, layer, s, &x, &e)?;
+        let expected = match &reference {
+            Reference::Source(src) => forward_source(src, mapping, layer, s, &x, &e)?,
+            Reference::Shards { ranks: input, .. } => forward_shards(input, mapping, layer, s, &x, &e)?,
+        };
         let sharded = forward_shards(ranks, mapping, layer, s, &x, &e)?;
-        let (abs, mag) = max_err(&reference, &sharded);
+        let (abs, mag) = max_err(&expected, &sharded);
         check.max_abs_err = abs;
         check.max_rel_err = if mag > 0.0 { abs / mag } else { abs };
-        check.non_finite_reference = count_non_finite(&reference);
+        check.non_finite_reference = count_non_finite(&expected);
         check.non_finite_shards = count_non_finite(&sharded);
         // A NaN or infinite weight makes outputs non-finite (the random inputs are never zero, and
         // softmax weights are positive), so the weights are scanned only then: on BART-large the
         // scan added a tenth to verify's time.
         if check.non_finite_reference + check.non_finite_shards > 0 {
-            check.non_finite_weights = non_finite_weights(src, Some(mapping), &src_names, "");
+            check.non_finite_weights = match &reference {
+                Reference::Source(src) => non_finite_weights(src, Some(mapping), &src_names, ""),
+                Reference::Shards { ranks: input, .. } => input
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(r, c)| non_finite_weights(c, None, &shard_names, &format!("source rank {r} ")))
+                    .collect(),
+            };
             for (r, c) in ranks.iter().enumerate() {
                 check.non_finite_weights.extend(non_finite_weights(c, None, &shard_names, &format!("rank {r} ")));
             }

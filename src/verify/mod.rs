@@ -431,15 +431,26 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
     }
     let mut layers = Vec::new();
     let forward_possible = mapping.file.cross_attention.is_some() && !hf && only.is_none();
-    if opts.forward && forward_possible && opened.backward.is_some() {
-        notes.push(
-            "the cross-attention forward check was not run: it computes the reference from the unsplit source \
-             weights, which a sharded source does not hold (every byte was compared with the source's)"
-                .into(),
-        );
-    } else if opts.forward && forward_possible && findings.is_empty() && shards.len() == tp {
+    if opts.forward && forward_possible && findings.is_empty() && shards.len() == tp {
         // Without findings every rank's files opened, so `shards` holds all tp ranks in order.
-        layers = forward::check_all(ckpt, mapping, &resolved.dims, &shards, opts, forward::tolerance_for(plan.dtype))?;
+        // A sharded source is the reference as its own ranks compute the layer.
+        let input = match &opened.backward {
+            Some(b) => Some((open_output(&b.dir)?, &b.logical)),
+            None => None,
+        };
+        let reference = match &input {
+            Some((ranks, logical)) => forward::Reference::Shards { ranks, logical },
+            None => forward::Reference::Source(ckpt),
+        };
+        if input.is_some() {
+            notes.push(
+                "the cross-attention forward reference was computed from the sharded source's own ranks (the \
+                 unsplit weights are not at hand); every byte was compared with the source's"
+                    .into(),
+            );
+        }
+        let tolerance = forward::tolerance_for(plan.dtype);
+        layers = forward::check_all(reference, mapping, &resolved.dims, &shards, opts, tolerance)?;
         for l in &layers {
             if let Some(msg) = l.problem() {
                 findings.push(finding(FindingKind::Forward, None, Some(&l.module), msg));

@@ -285,6 +285,10 @@ fn a_tp_that_cannot_be_determined_is_refused() {
     let (_t, dir) = shards("bart-tiny", 4, false);
     std::fs::remove_file(dir.join("model-rank-3-part-0.safetensors")).unwrap();
     refused(&dir, 2, &["read as tp 3 (tp 3 from the file names (ranks 0-2; no reshard-manifest.json)"]);
+    // A rank number no machine has.
+    let (_t, dir) = shards("bart-tiny", 2, false);
+    std::fs::write(dir.join(format!("model-rank-{}-part-0.safetensors", usize::MAX)), b"x").unwrap();
+    refused(&dir, 1, &[&format!("files for rank(s) 0-1, {}; rank(s) 2-65, ... have no files", usize::MAX)]);
     // Parts with a gap.
     let (_t, dir) = shards("bart-tiny", 2, false);
     std::fs::rename(dir.join("model-rank-1-part-0.safetensors"), dir.join("model-rank-1-part-1.safetensors")).unwrap();
@@ -422,7 +426,16 @@ fn verify_with_a_sharded_source_finds_a_changed_output() {
     assert_eq!(f["tensor"], "model.decoder.layers.0.fc2.weight");
     assert_eq!(f["element"], serde_json::json!([3, 20]));
     assert!(f["message"].as_str().unwrap().contains("@rank3"), "{f}");
-    assert!(v["notes"].to_string().contains("forward check was not run"), "{v:#}");
+    // Without findings the forward check runs, with the tp-4 shards as the reference.
+    let (_t, a) = shards("mllama-gqa", 4, true);
+    let b = a.parent().unwrap().join("b");
+    convert_to(&a, &b, 2, &[]);
+    let r = reshard(&[&"verify", &a, &b, &"--json"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["forward"].as_array().unwrap().len(), 2, "cross-attention layers 1 and 3: {v:#}");
+    assert!(v["forward"].as_array().unwrap().iter().all(|l| l["passed"] == true), "{v:#}");
+    assert!(v["notes"].to_string().contains("reference was computed from the sharded source's own ranks"), "{v:#}");
 }
 
 #[test]
