@@ -22,7 +22,16 @@ enum Rename {
     Plain,
 }
 
+/// What is run: `convert --tp 2`, or `merge` (issue #16).
+#[derive(Clone, Copy, PartialEq)]
+enum Job {
+    Convert,
+    Merge,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn convert_with(
+    job: Job,
     src: &Path,
     out: &Path,
     force: bool,
@@ -46,7 +55,11 @@ fn convert_with(
         },
     );
     // Small parts: more files, more crash points.
-    c.args(["convert", src.to_str().unwrap(), "--tp", "2", "--max-part-size", "64KiB", "--out", out.to_str().unwrap()]);
+    match job {
+        Job::Convert => c.args(["convert", src.to_str().unwrap(), "--tp", "2"]),
+        Job::Merge => c.args(["merge", src.to_str().unwrap()]),
+    };
+    c.args(["--max-part-size", "64KiB", "--out", out.to_str().unwrap()]);
     if force {
         c.arg("--force");
     }
@@ -80,14 +93,19 @@ fn crash_everywhere(force: bool, mode: Io) {
 
 /// Crashes a conversion at every step, or at the `last` steps only.
 fn crash_at_steps(force: bool, mode: Io, rename: Rename, last: Option<u64>) {
-    let convert = |src: &Path, out: &Path, force, at, mode| convert_with(src, out, force, at, mode, rename);
-    let src = fixture("bart-awkward");
+    crash_job(Job::Convert, &fixture("bart-awkward"), force, mode, rename, last)
+}
+
+/// Crashes `job` of `src` at every step, or at the `last` steps only.
+fn crash_job(job: Job, src: &Path, force: bool, mode: Io, rename: Rename, last: Option<u64>) {
+    let convert = |src: &Path, out: &Path, force, at, mode| convert_with(job, src, out, force, at, mode, rename);
     // On the checkout's disk, where O_DIRECT works (a tmpfs /tmp may refuse it).
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let out = tmp.path().join("out");
     if force {
         assert!(convert(&src, &out, false, None, mode).status.success());
     }
+    let src = src.to_owned();
     let total = points(&convert(&src, &out, force, None, mode));
     assert!(total >= 20, "only {total} crash points");
     for k in last.map_or(1, |n| total + 1 - n)..=total {
@@ -145,4 +163,16 @@ fn sigkill_at_every_step_of_a_conversion_through_the_page_cache() {
 fn sigkill_at_every_step_of_publishing_without_renameat2() {
     crash_at_steps(false, Io::Direct, Rename::Plain, Some(3));
     crash_at_steps(true, Io::Direct, Rename::Plain, Some(5));
+}
+
+/// Issue #16: resharding from shards (tp 3 to tp 2) and merging them back to a Hugging Face
+/// checkpoint take the same steps: a crash at each leaves `--out` absent or complete.
+#[test]
+fn sigkill_at_every_step_of_a_conversion_from_shards_and_of_a_merge() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let shards = tmp.path().join("tp3");
+    let r = reshard(&[&"convert", &fixture("bart-awkward"), &"--tp", &"3", &"--out", &shards, &"--quiet"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    crash_job(Job::Convert, &shards, false, Io::Direct, Rename::Atomic, None);
+    crash_job(Job::Merge, &shards, false, Io::Direct, Rename::Atomic, None);
 }
