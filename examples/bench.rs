@@ -18,6 +18,13 @@
 //! machine), and `plan` on the full-size mllama. `--quick` runs BART-large only;
 //! `--only NAME` one input (a directory name below).
 //!
+//! `--reshard` (issue #16) instead benchmarks resharding from shards, on BART-large and
+//! Whisper-large-v3 (`--only NAME` one of them): each is converted to tp 4 once (untimed), then,
+//! alternately, `reshard convert SRC --tp 2` (from the checkpoint), `reshard convert TP4 --tp 2`
+//! (from the tp-4 shards: byte-identical output), `reshard merge TP4` (back to a Hugging Face
+//! checkpoint), and `cp -r TP4` and `cp -r TP4 && sync` (the same bytes read, about as many
+//! written), with the sources in the page cache.
+//!
 //! When the disk has room for it (twice its 21.3 GB plus 2 GB), the full-size Llama-3.2-11B-Vision
 //! is converted too, at tp 4 and 8, at most 3 runs each (`--no-full` skips it). Its input does not
 //! fit the page cache of a small machine, so it is not warmed: that run reads from the disk, as a
@@ -119,8 +126,8 @@ fn main() {
     let opt = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
     let runs: usize = opt("--runs").map_or(5, |v| v.parse().unwrap());
     let dir = PathBuf::from(opt("--dir").unwrap_or_else(|| "/tmp/reshard-bench".into()));
-    let usage = "usage: bench [--runs N] [--dir DIR] [--quick] [--only NAME] [--no-full]";
-    let known = ["--runs", "--dir", "--only", "--quick", "--no-full"];
+    let usage = "usage: bench [--runs N] [--dir DIR] [--quick] [--only NAME] [--no-full] [--reshard]";
+    let known = ["--runs", "--dir", "--only", "--quick", "--no-full", "--reshard"];
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -138,6 +145,9 @@ fn main() {
     assert!(reshard.exists() && synth.exists(), "build first: cargo build --release --examples");
     std::fs::create_dir_all(&dir).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
+    if args.iter().any(|a| a == "--reshard") {
+        return bench_reshard(&dir, &reshard, &synth, runs, opt("--only"));
+    }
 
     let input = |name, model, synth_args: &'static [&'static str], tps: &[usize], runs, warm| Input {
         name,
@@ -279,4 +289,90 @@ fn main() {
         t.push(run(&[&s(&reshard), "plan", &s(&full), "--tp", "8", "--json"]).secs);
     }
     println!("plan, Llama-3.2-11B-Vision shape (21.3 GB, 906 tensors, 5 files), --tp 8 --json: {:.3} s", median(t));
+}
+
+/// `--reshard`: resharding from shards and merging back, against converting the checkpoint and
+/// copying the shards (see the module docs).
+fn bench_reshard(dir: &Path, reshard: &Path, synth: &Path, runs: usize, only: Option<String>) {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/meminfo").unwrap().lines().next().unwrap()
+    );
+    println!("runs: {runs} each, alternating; times are medians in seconds; memory is the peak RssAnon\n");
+    for name in ["bart-large", "whisper-large-v3"] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
+        let src = dir.join(name);
+        if !src.join("config.json").exists() {
+            run(&[&s(synth), name, &s(&src)]);
+        }
+        let tp4 = dir.join(format!("{name}-tp4"));
+        if !tp4.join("reshard-manifest.json").exists() {
+            let _ = std::fs::remove_dir_all(&tp4);
+            run(&[&s(reshard), "convert", &s(&src), "--tp", "4", "--out", &s(&tp4), "-q"]);
+        }
+        warm(&src);
+        warm(&tp4);
+        let out = dir.join("reshard-out");
+        let jobs: Vec<(String, Vec<String>)> = vec![
+            (
+                "reshard convert SRC --tp 2".into(),
+                vec![s(reshard), "convert".into(), s(&src), "--tp".into(), "2".into()],
+            ),
+            (
+                "reshard convert TP4 --tp 2".into(),
+                vec![s(reshard), "convert".into(), s(&tp4), "--tp".into(), "2".into()],
+            ),
+            ("reshard merge TP4".into(), vec![s(reshard), "merge".into(), s(&tp4)]),
+            ("cp -r TP4".into(), vec!["cp".into(), "-r".into(), s(&tp4)]),
+            ("cp -r TP4 && sync".into(), vec!["sh".into(), "-c".into(), format!("cp -r {} \"$0\" && sync", s(&tp4))]),
+        ];
+        let mut times: Vec<Vec<f64>> = vec![vec![]; jobs.len()];
+        let mut mem = vec![0u64; jobs.len()];
+        for it in 0..runs {
+            for j in 0..jobs.len() {
+                let k = (it + j) % jobs.len();
+                let _ = std::fs::remove_dir_all(&out);
+                let mut cmd = jobs[k].1.clone();
+                if cmd[0].ends_with("reshard") {
+                    cmd.extend(["--out".into(), s(&out), "-q".into()]);
+                } else {
+                    cmd.push(s(&out));
+                }
+                let c: Vec<&str> = cmd.iter().map(String::as_str).collect();
+                let r = run(&c);
+                times[k].push(r.secs);
+                mem[k] = mem[k].max(r.anon_kib);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&out);
+        println!(
+            "{name}: checkpoint {:.2} GB, tp-4 shards {:.2} GB, both in the page cache",
+            dir_bytes(&src) as f64 / 1e9,
+            dir_bytes(&tp4) as f64 / 1e9
+        );
+        let base = |label: &str| median(times[jobs.iter().position(|(l, _)| l == label).unwrap()].clone());
+        let (direct, cp, cps) = (base("reshard convert SRC --tp 2"), base("cp -r TP4"), base("cp -r TP4 && sync"));
+        println!(
+            "  {:<30} {:>24}  {:>12}  {:>9}  {:>14}  peak anon",
+            "", "median s (min-max)", "x SRC->tp 2", "x cp -r", "x cp && sync"
+        );
+        for (k, (label, _)) in jobs.iter().enumerate() {
+            let m = median(times[k].clone());
+            let anon =
+                if label.starts_with("reshard") { format!("{:.1} MiB", mem[k] as f64 / 1024.0) } else { String::new() };
+            println!(
+                "  {:<30} {}  {:>12.2}  {:>9.2}  {:>14.2}  {anon}",
+                label,
+                spread(&times[k]),
+                m / direct,
+                m / cp,
+                m / cps
+            );
+        }
+        println!();
+    }
 }

@@ -160,7 +160,7 @@ fn checkpoint(e: &CheckpointError) -> Culprit {
         C::Sharded(e) => {
             use crate::checkpoint::sharded::ShardedError as S;
             match e {
-                S::Tp { dir, .. } | S::Manifest { dir, .. } => Culprit::file(dir),
+                S::Tp { dir, .. } | S::Manifest { dir, .. } | S::NotACheckpoint { dir } => Culprit::file(dir),
                 S::Changed { dir, file, .. } | S::Stray { dir, file } => Culprit::file(&dir.join(file)),
                 S::Duplicate { dir, tensor, a, .. } => Culprit::file(&dir.join(a)).with_tensor(tensor),
             }

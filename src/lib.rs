@@ -100,6 +100,10 @@ impl Source {
     /// Reads the checkpoint's headers and picks or loads the mapping (a Hugging Face checkpoint
     /// only; [`Source::read`] takes a sharded directory too).
     pub fn load(&self) -> Result<(CheckpointMeta, Mapping), Error> {
+        if checkpoint::sharded::is_sharded(&self.input) {
+            let dir = self.input.clone();
+            return Err(CheckpointError::from(checkpoint::sharded::ShardedError::NotACheckpoint { dir }).into());
+        }
         let meta = CheckpointMeta::read(&self.input, self.config.as_deref())?;
         let mapping = self.mapping_for(&meta.config, &meta.config_path)?;
         Ok((meta, mapping))

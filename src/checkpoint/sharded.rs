@@ -32,6 +32,8 @@ pub enum ShardedError {
     Stray { dir: PathBuf, file: String },
     #[error("{}: rank {rank}: tensor {} is in two parts: {} and {}", qp(dir), q(tensor), q(a), q(b))]
     Duplicate { dir: PathBuf, rank: usize, tensor: String, a: String, b: String },
+    #[error("{} is a sharded directory (rank files), which this command does not take: it needs the Hugging Face checkpoint\n(hint: `reshard merge {} --out DIR` writes it; `plan`, `convert`, `merge` and `verify` take the shards as they are)", qp(dir), qp(dir))]
+    NotACheckpoint { dir: PathBuf },
 }
 
 /// `(rank, part)` of a file name `model-rank-R-part-P.safetensors`.

@@ -102,10 +102,10 @@ fn crash_job(job: Job, src: &Path, force: bool, mode: Io, rename: Rename, last: 
     // On the checkout's disk, where O_DIRECT works (a tmpfs /tmp may refuse it).
     let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let out = tmp.path().join("out");
+    let src = src.to_owned();
     if force {
         assert!(convert(&src, &out, false, None, mode).status.success());
     }
-    let src = src.to_owned();
     let total = points(&convert(&src, &out, force, None, mode));
     assert!(total >= 20, "only {total} crash points");
     for k in last.map_or(1, |n| total + 1 - n)..=total {

@@ -447,3 +447,12 @@ fn the_plan_of_a_sharded_input_says_where_it_reads() {
     // A row-parallel weight at tp 2 is gathered from two tp-4 ranks.
     assert!(r.stdout.contains("concat(`model.decoder.layers.0.fc2.weight@rank0`[:, 0..16], `model.decoder.layers.0.fc2.weight@rank1`[:, 0..16])"), "{}", r.stdout);
 }
+
+#[test]
+fn validate_asks_for_the_checkpoint_not_shards() {
+    let (_t, a) = shards("bart-tiny", 2, true);
+    let r = reshard(&[&"validate", &a, &a, &"--device", &"cpu"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("is a sharded directory (rank files), which this command does not take"), "{}", r.stderr);
+    assert!(r.stderr.contains("reshard merge"), "{}", r.stderr);
+}
