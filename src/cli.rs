@@ -141,15 +141,8 @@ pub struct ValidateArgs {
     /// For --shape: a smaller head size than the model's (at most its own), same head counts (a quick check).
     #[arg(long, requires = "shape", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub head_dim: Option<u32>,
-    /// config.json to use (single-file SOURCE).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Mapping file to use instead of the bundled one.
-    #[arg(long)]
-    pub mapping: Option<PathBuf>,
-    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
-    #[arg(long, requires = "mapping")]
-    pub force_mapping: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
 }
 
 /// Parses `all` or `1,3,5`.
@@ -173,15 +166,8 @@ pub struct MergeArgs {
     /// Output directory (must not exist or be empty, unless --force; a symbolic link is refused).
     #[arg(long)]
     pub out: PathBuf,
-    /// config.json to use instead of the one beside the shards.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Mapping file to use instead of the bundled one for the config's model_type.
-    #[arg(long)]
-    pub mapping: Option<PathBuf>,
-    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
-    #[arg(long, requires = "mapping")]
-    pub force_mapping: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Cap on tensor data per file, as transformers' `max_shard_size` (its default: 5GB).
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     pub max_part_size: u64,
@@ -210,15 +196,8 @@ pub struct VerifyArgs {
     /// The output directory of `reshard convert` (every rank, or those its manifest lists) or of
     /// `reshard merge`.
     pub out: PathBuf,
-    /// config.json to use (required when SOURCE is a single file).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Mapping file to use instead of the bundled one.
-    #[arg(long)]
-    pub mapping: Option<PathBuf>,
-    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
-    #[arg(long, requires = "mapping")]
-    pub force_mapping: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// The target to verify against when OUT has no manifest (with one, the manifest's target
     /// is used): a target name or ENGINE==VERSION [default: the newest tested]
     #[arg(long, value_name = "TARGET")]
@@ -228,6 +207,33 @@ pub struct VerifyArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How an input is read: its config.json and its mapping (every command that reads one).
+#[derive(Args, Debug)]
+pub struct ReadArgs {
+    /// config.json to use (required when the input is a single .safetensors file; for a sharded
+    /// directory, instead of the one beside the shards).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Mapping file to use instead of the bundled one for config.json's model_type.
+    #[arg(long)]
+    pub mapping: Option<PathBuf>,
+    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
+    #[arg(long, requires = "mapping")]
+    pub force_mapping: bool,
+}
+
+impl ReadArgs {
+    /// The library's source for `input`.
+    pub fn source(&self, input: &std::path::Path) -> reshard::Source {
+        reshard::Source {
+            input: input.to_owned(),
+            config: self.config.clone(),
+            mapping: self.mapping.clone(),
+            force_mapping: self.force_mapping,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -263,15 +269,8 @@ pub struct SourceArgs {
     /// Tensor-parallel size.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub tp: u32,
-    /// config.json to use (required when INPUT is a single file).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Mapping file to use instead of the bundled one for the config's model_type.
-    #[arg(long)]
-    pub mapping: Option<PathBuf>,
-    /// Use --mapping even when its `model_types` does not list config.json's `model_type`.
-    #[arg(long, requires = "mapping")]
-    pub force_mapping: bool,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Cap on tensor data per output file, e.g. 5GiB, 500MB, 1048576.
     #[arg(long, default_value = "5GiB", value_parser = parse_size)]
     pub max_part_size: u64,
@@ -432,11 +431,7 @@ impl ValidateArgs {
             (Some(preset), _, _) => {
                 ValidateInput::Synthetic { preset, tp: a.tp as usize, head_dim: a.head_dim.map(|h| h as usize) }
             }
-            (None, Some(input), Some(out)) => ValidateInput::Checkpoint {
-                src: reshard::Source { input, config: a.config, mapping: a.mapping, force_mapping: a.force_mapping },
-                out,
-                layers,
-            },
+            (None, Some(input), Some(out)) => ValidateInput::Checkpoint { src: a.read.source(&input), out, layers },
             _ => return Err(GpuError::Setup("give SOURCE and OUT, or --shape".into()).into()),
         };
         let dtype = if a.dtype == "bf16" { GpuDtype::Bf16 } else { GpuDtype::F32 };

@@ -8,12 +8,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
 fn source(a: &SourceArgs) -> Source {
-    Source {
-        input: a.input.clone(),
-        config: a.config.clone(),
-        mapping: a.mapping.clone(),
-        force_mapping: a.force_mapping,
-    }
+    a.read.source(&a.input)
 }
 
 /// Runs a command: the result of printing to stdout, and the exit code when it went through.
@@ -60,7 +55,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), 
             Ok((printed, if report.ok { exit_code::OK } else { exit_code::CHECK_FAILED }))
         }
         Command::Verify(a) => {
-            let src = Source { input: a.source, config: a.config, mapping: a.mapping, force_mapping: a.force_mapping };
+            let src = a.read.source(&a.source);
             let bar =
                 Arc::new(output::Bar::new(output::progress_enabled(std::io::stderr().is_terminal(), false, a.json)));
             let progress = reshard::progress::Progress::new(bar.clone());
@@ -103,12 +98,7 @@ fn convert(a: &ConvertArgs, out: &mut impl Write) -> Result<(std::io::Result<()>
 fn merge(a: &MergeArgs, out: &mut impl Write) -> Result<(std::io::Result<()>, u8), Error> {
     let bar = Arc::new(output::Bar::new(output::progress_enabled(std::io::stderr().is_terminal(), a.quiet, a.json)));
     let opts = WriteOptions { out: a.out.clone(), force: a.force, progress: &|n| bar.inc(n), fsync: !a.no_fsync };
-    let src = Source {
-        input: a.input.clone(),
-        config: a.config.clone(),
-        mapping: a.mapping.clone(),
-        force_mapping: a.force_mapping,
-    };
+    let src = a.read.source(&a.input);
     let input = src.read()?;
     let plan = input.plan_hf(a.max_part_size)?;
     let vopts = reshard::verify::VerifyOptions { forward: false, ..Default::default() };

@@ -192,18 +192,7 @@ impl CheckpointMeta {
             let dir = input.parent().map(Path::to_path_buf).unwrap_or_default();
             (dir, vec![name], None)
         };
-        let config_path = match config {
-            Some(c) => c.to_owned(),
-            None => dir.join("config.json"),
-        };
-        // An explicit --config that is missing is named by the read below; an implicit one gets
-        // the hint.
-        if config.is_none() && !input::entry_exists(&config_path) {
-            return Err(CheckpointError::NoConfig { dir: dir.clone() });
-        }
-        let text = input::read_regular(&config_path)?;
-        let config: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| CheckpointError::Json { path: config_path.clone(), msg: e.to_string() })?;
+        let (config, config_path) = read_config(&dir, config)?;
 
         let mut files = Vec::new();
         let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
@@ -238,6 +227,20 @@ impl CheckpointMeta {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.values().map(TensorInfo::nbytes).sum()
     }
+}
+
+/// Reads `config` (`--config`), or `dir`'s config.json: the parsed JSON and the path read.
+pub(crate) fn read_config(dir: &Path, config: Option<&Path>) -> Result<(serde_json::Value, PathBuf), CheckpointError> {
+    let path = config.map(Path::to_owned).unwrap_or_else(|| dir.join("config.json"));
+    // An explicit --config that is missing is named by the read below; an implicit one gets the
+    // hint.
+    if config.is_none() && !input::entry_exists(&path) {
+        return Err(CheckpointError::NoConfig { dir: dir.to_owned() });
+    }
+    let text = input::read_regular(&path)?;
+    let value =
+        serde_json::from_slice(&text).map_err(|e| CheckpointError::Json { path: path.clone(), msg: e.to_string() })?;
+    Ok((value, path))
 }
 
 /// Reads and validates the header of one safetensors file without reading its data.

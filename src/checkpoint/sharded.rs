@@ -149,13 +149,7 @@ impl ShardedMeta {
                 return Err(tp_err(format!("rank {r} has part {p} where part {i} was expected (parts must be 0..n)")));
             }
         }
-        let config_path = config.map(Path::to_owned).unwrap_or_else(|| dir.join("config.json"));
-        if config.is_none() && !input::entry_exists(&config_path) {
-            return Err(CheckpointError::NoConfig { dir: dir.to_owned() });
-        }
-        let text = input::read_regular(&config_path)?;
-        let config: serde_json::Value = serde_json::from_slice(&text)
-            .map_err(|e| CheckpointError::Json { path: config_path.clone(), msg: e.to_string() })?;
+        let (config, config_path) = super::read_config(dir, config)?;
         let mut files = Vec::new();
         let mut ranks = Vec::new();
         for (r, parts) in &by_rank {
