@@ -259,7 +259,11 @@ impl Backward {
                     }
                     None => split_shape,
                 };
-                let nbytes = shape.iter().product::<usize>() as u64 * info.dtype.size() as u64;
+                // Shapes from config.json can be anything: a size that does not fit is refused.
+                let nbytes =
+                    shape.iter().try_fold(info.dtype.size() as u64, |n, d| n.checked_mul(*d as u64)).ok_or_else(
+                        || shape_err(format!("source {} of shape {} is too large", q(src), fmt_shape(&shape))),
+                    )?;
                 let t = TensorInfo { dtype: info.dtype, shape, file: 0, start: 0, end: nbytes };
                 if tensors.insert(src.clone(), t).is_some() {
                     return Err(shape_err(format!("source {} is rendered twice", q(src))));
@@ -535,6 +539,7 @@ fn part_shapes(
 ) -> Result<Vec<Vec<usize>>, String> {
     let dim = |name: &str| dims.get(name).map(|v| *v as usize).unwrap_or(0);
     let rows = s.first().copied().unwrap_or(1);
+    let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(|| format!("{a} x {b} rows is too large"));
     let with_rows = |r: usize| {
         let mut v = s.to_vec();
         if let Some(x) = v.first_mut() {
@@ -554,18 +559,18 @@ fn part_shapes(
     Ok(match split {
         SplitSpec::Replicated {} => vec![s.to_vec()],
         SplitSpec::Column {} if s.is_empty() => return Err("a 0-d tensor cannot be column-split".into()),
-        SplitSpec::Column {} => vec![with_rows(rows * tp)],
+        SplitSpec::Column {} => vec![with_rows(mul(rows, tp)?)],
         SplitSpec::Row {} if s.len() < 2 => vec![s.to_vec()],
         SplitSpec::Row {} => {
             let mut v = s.to_vec();
-            v[1] *= tp;
+            v[1] = mul(v[1], tp)?;
             vec![v]
         }
         SplitSpec::MergedColumn {} => {
             if rows % n_parts != 0 {
                 return Err(format!("{rows} rows do not split into {n_parts} equal parts"));
             }
-            vec![with_rows(rows / n_parts * tp); n_parts]
+            vec![with_rows(mul(rows / n_parts, tp)?); n_parts]
         }
         SplitSpec::FusedQkv { heads, kv_heads, head_dim } | SplitSpec::Kv { heads, kv_heads, head_dim } => {
             let (h, kv) = (dim(heads), dim(kv_heads));
@@ -575,6 +580,9 @@ fn part_shapes(
             let kv_r = per_rank_kv(kv);
             let q_r = if matches!(split, SplitSpec::FusedQkv { .. }) { h / tp } else { 0 };
             let heads_here = q_r + 2 * kv_r;
+            if heads_here == 0 {
+                return Err(format!("no heads per rank at tp {tp}"));
+            }
             let hd = match head_dim {
                 Some(d) => dim(d),
                 None if rows % heads_here == 0 => rows / heads_here,
@@ -586,10 +594,10 @@ fn part_shapes(
             };
             let mut out = vec![];
             if q_r > 0 {
-                out.push(with_rows(h * hd));
+                out.push(with_rows(mul(h, hd)?));
             }
-            out.push(with_rows(kv * hd));
-            out.push(with_rows(kv * hd));
+            out.push(with_rows(mul(kv, hd)?));
+            out.push(with_rows(mul(kv, hd)?));
             out
         }
         SplitSpec::Vocab { rows: Some(r), .. } => vec![with_rows(dim(r))],

@@ -456,3 +456,22 @@ fn validate_asks_for_the_checkpoint_not_shards() {
     assert!(r.stderr.contains("is a sharded directory (rank files), which this command does not take"), "{}", r.stderr);
     assert!(r.stderr.contains("reshard merge"), "{}", r.stderr);
 }
+
+#[test]
+fn casts_from_shards_are_those_of_the_checkpoint() {
+    let tmp = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let p = |n: &str| tmp.path().join(n);
+    convert_to(&fixture("bart-tiny"), &p("tp4"), 4, &[]);
+    convert_to(&fixture("bart-tiny"), &p("direct-bf16"), 2, &["--dtype", "bf16"]);
+    // Cast while resharding ...
+    convert_to(&p("tp4"), &p("resharded-bf16"), 2, &["--dtype", "bf16"]);
+    assert_same_files("tp 4 -> tp 2 --dtype bf16", &p("direct-bf16"), &p("resharded-bf16"));
+    assert!(verifies(&fixture("bart-tiny"), &p("resharded-bf16")));
+    // ... or reshard a cast output: the same bytes, and the plan says the original dtypes are gone.
+    convert_to(&fixture("bart-tiny"), &p("tp4-bf16"), 4, &["--dtype", "bf16"]);
+    convert_to(&p("tp4-bf16"), &p("from-cast"), 2, &[]);
+    assert_same_files("tp 4 bf16 -> tp 2", &p("direct-bf16"), &p("from-cast"));
+    assert_eq!(manifest(&p("from-cast"))["from_shards"]["cast"], "BF16");
+    let r = reshard(&[&"plan", &p("tp4-bf16"), &"--tp", &"2"]);
+    assert!(r.stdout.contains("the input was cast to BF16 when it was written"), "{}", r.stdout);
+}
