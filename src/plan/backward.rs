@@ -701,3 +701,43 @@ fn compare_layout(forward: &ShardPlan, sm: &ShardedMeta) -> Vec<String> {
     }
     problems
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(v: &[(&str, u64)]) -> Dims {
+        v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn splits_run_backwards() {
+        let d = dims(&[("h", 8), ("kv", 2)]);
+        let qkv = SplitSpec::FusedQkv { heads: "h".into(), kv_heads: "kv".into(), head_dim: None };
+        // tp 4: 2 q heads and one replicated kv head per rank, head_dim 8: 32 rows.
+        assert_eq!(part_shapes(&qkv, &[32, 64], 4, 3, &d).unwrap(), vec![vec![64, 64], vec![16, 64], vec![16, 64]]);
+        // tp 2: 4 q heads and 1 kv head (of 2) per rank.
+        assert_eq!(part_shapes(&qkv, &[48, 64], 2, 3, &d).unwrap(), vec![vec![64, 64], vec![16, 64], vec![16, 64]]);
+        let kv = SplitSpec::Kv { heads: "h".into(), kv_heads: "kv".into(), head_dim: None };
+        assert_eq!(part_shapes(&kv, &[16, 64], 4, 2, &d).unwrap(), vec![vec![16, 64], vec![16, 64]]);
+        assert!(part_shapes(&qkv, &[33, 64], 4, 3, &d).unwrap_err().contains("33 rows are not 4 heads"));
+        assert!(part_shapes(&qkv, &[32, 64], 3, 3, &d).unwrap_err().contains("cannot be split over 3 ranks"));
+        assert_eq!(part_shapes(&SplitSpec::Row {}, &[4, 6], 3, 1, &d).unwrap(), vec![vec![4, 18]]);
+        assert_eq!(part_shapes(&SplitSpec::Row {}, &[4], 3, 1, &d).unwrap(), vec![vec![4]]);
+        assert_eq!(part_shapes(&SplitSpec::Column {}, &[4, 6], 3, 1, &d).unwrap(), vec![vec![12, 6]]);
+        assert_eq!(part_shapes(&SplitSpec::MergedColumn {}, &[8, 6], 2, 2, &d).unwrap(), vec![vec![8, 6]; 2]);
+        assert!(part_shapes(&SplitSpec::Column {}, &[usize::MAX / 2, 2], 3, 1, &d).unwrap_err().contains("too large"));
+        let vocab = SplitSpec::Vocab { pad_to: 64, rows: None };
+        assert!(part_shapes(&vocab, &[64, 8], 2, 1, &d).unwrap_err().contains("without `rows`"));
+    }
+
+    #[test]
+    fn target_templates_match_with_the_sources_alternatives() {
+        let t = Pattern::parse("m.{i}.qkv_proj.{p}").unwrap();
+        let s = Pattern::parse("m.{i}.q_proj.{p:weight|bias}").unwrap();
+        let inv = inverse_pattern(&t, &s);
+        assert_eq!(inv.as_str(), "m.{i}.qkv_proj.{p:weight|bias}");
+        assert_eq!(inv.matches("m.3.qkv_proj.bias").unwrap()["p"], "bias");
+        assert!(inv.matches("m.3.qkv_proj.scale").is_none() && t.matches("m.3.qkv_proj.bias").is_none());
+    }
+}
