@@ -452,9 +452,9 @@ fn stream_to(
                             failed.store(true, Ordering::Relaxed);
                             return Err(io(path)(e));
                         }
-                        if free_tx.send(b).is_err() {
-                            return Ok(());
-                        }
+                        // Once the stream has ended nobody takes blocks back, but the blocks still
+                        // queued must be written: the loop ends only when the queue is empty.
+                        let _ = free_tx.send(b);
                     }
                 })
             })
