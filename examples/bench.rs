@@ -1,7 +1,7 @@
 //! Conversion benchmark: `cp -r` against `reshard convert`, run alternately on the same disk.
 //!
 //!     cargo build --release --examples && target/release/examples/bench [--runs 5] [--dir /work/bench]
-//!         [--quick] [--only NAME] [--no-full]
+//!         [--quick] [--only NAME] [--no-full] [--cold] [--disk] [--verify] [--tps 4,8] [--baseline BIN]
 //!
 //! Generates the synthetic real-shape inputs with `synth` when missing (BART-large fp32 ~1.6 GB,
 //! Whisper-large-v3 fp16 ~3.1 GB, a reduced-depth Llama-3.2-11B-Vision bf16 with real widths, and
@@ -29,6 +29,16 @@
 //! is converted too, at tp 4 and 8, at most 3 runs each (`--no-full` skips it). Its input does not
 //! fit the page cache of a small machine, so it is not warmed: that run reads from the disk, as a
 //! real 20-100 GB conversion does.
+//!
+//! Issue #18 options: `--cold` drops the page cache (`echo 3 > /proc/sys/vm/drop_caches`, as root)
+//! after the `sync` before every timed command, so every command reads its input from the disk;
+//! `--disk` adds the disk's own figures for the same bytes: `dd iflag=direct bs=4M` of the input's
+//! files one after the other, `dd oflag=direct bs=4M conv=fsync` of as many bytes as
+//! `reshard --tp 4` writes (from /dev/zero), and both at once; `--verify` times `reshard verify`
+//! of each `--tp 4` output right after its conversion (and after a drop of the cache with
+//! `--cold`), then `dd iflag=direct` of the files verify reads (the source's and the output's);
+//! `--tps` limits the tp list; `--baseline BIN` adds `BIN convert --tp 4` (another build, for
+//! A/B); `--lean` leaves out the cast, `--no-fsync` and buffered rows.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,11 +56,19 @@ fn rss_anon(pid: u32) -> Option<u64> {
     s.lines().find(|l| l.starts_with("RssAnon:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Whether to drop the page cache before every timed command (`--cold`).
+static COLD: AtomicBool = AtomicBool::new(false);
+
 /// Runs a command, timing it and sampling the peak RssAnon of the process. An untimed `sync` and
 /// a 2 s pause first, so no run pays for the previous one's writeback or for the discards
-/// (TRIMs) of the output deleted before it.
+/// (TRIMs) of the output deleted before it; with `--cold`, the page cache is dropped after the
+/// sync.
 fn run(cmd: &[&str]) -> Run {
     Command::new("sync").status().unwrap();
+    if COLD.load(Ordering::Relaxed) {
+        std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+            .expect("--cold: cannot write /proc/sys/vm/drop_caches (root?)");
+    }
     std::thread::sleep(Duration::from_secs(2));
     let start = Instant::now();
     let mut child =
@@ -126,8 +144,22 @@ fn main() {
     let opt = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
     let runs: usize = opt("--runs").map_or(5, |v| v.parse().unwrap());
     let dir = PathBuf::from(opt("--dir").unwrap_or_else(|| "/tmp/reshard-bench".into()));
-    let usage = "usage: bench [--runs N] [--dir DIR] [--quick] [--only NAME] [--no-full] [--reshard]";
-    let known = ["--runs", "--dir", "--only", "--quick", "--no-full", "--reshard"];
+    let usage = "usage: bench [--runs N] [--dir DIR] [--quick] [--only NAME] [--no-full] [--cold] [--disk] [--verify] \
+                 [--tps LIST] [--baseline BIN] [--lean] [--reshard]";
+    let known = [
+        "--runs",
+        "--dir",
+        "--only",
+        "--quick",
+        "--no-full",
+        "--cold",
+        "--disk",
+        "--verify",
+        "--tps",
+        "--baseline",
+        "--lean",
+        "--reshard",
+    ];
     let mut i = 0;
     while i < args.len() {
         let a = args[i].as_str();
@@ -135,8 +167,13 @@ fn main() {
             eprintln!("{usage}\n(unknown argument {a:?}; see the doc comment of examples/bench.rs)");
             std::process::exit(2);
         }
-        i += if matches!(a, "--runs" | "--dir" | "--only") { 2 } else { 1 };
+        i += if matches!(a, "--runs" | "--dir" | "--only" | "--tps" | "--baseline") { 2 } else { 1 };
     }
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let (cold, disk, verify, lean) = (flag("--cold"), flag("--disk"), flag("--verify"), flag("--lean"));
+    COLD.store(cold, Ordering::Relaxed);
+    let tps_only: Option<Vec<usize>> = opt("--tps").map(|v| v.split(',').map(|t| t.parse().unwrap()).collect());
+    let baseline = opt("--baseline");
     let quick = args.iter().any(|a| a == "--quick");
     let no_full = args.iter().any(|a| a == "--no-full");
     let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
@@ -175,6 +212,9 @@ fn main() {
     if let Some(only) = opt("--only") {
         inputs.retain(|i| i.name == only);
     }
+    if cold {
+        inputs.iter_mut().for_each(|i| i.warm = false);
+    }
     const FULL_BYTES: u64 = 21_340_000_000;
     let full_src = dir.join("llama-3.2-11b-vision-full");
     let full_have = dir_bytes(&full_src);
@@ -182,6 +222,9 @@ fn main() {
         let need = (2 * FULL_BYTES + (2 << 30)).saturating_sub(full_have);
         if free_bytes(&dir) >= need {
             inputs.push(input("llama-3.2-11b-vision-full", "llama-3.2-11b-vision", &[], &[4, 8], runs.min(3), false));
+            if free_bytes(&dir) < need + FULL_BYTES + (1 << 30) && (disk || verify) {
+                println!("full-size Llama-3.2-11B-Vision: the dd write and verify rows run in the space of one output");
+            }
         } else {
             println!(
                 "full-size Llama-3.2-11B-Vision skipped: {} GB free, {} GB needed",
@@ -198,6 +241,8 @@ fn main() {
     println!("runs: {runs} each, alternating; times are medians in seconds; memory is the peak RssAnon\n");
     for Input { name, model, synth_args: extra, tps, runs, warm: warm_first } in &inputs {
         let (name, runs) = (*name, *runs);
+        let tps: Vec<usize> =
+            tps.iter().copied().filter(|t| tps_only.as_ref().is_none_or(|only| only.contains(t))).collect();
         let src = dir.join(name);
         if !src.join("config.json").exists() {
             let mut cmd = vec![s(&synth), model.to_string(), s(&src)];
@@ -209,10 +254,52 @@ fn main() {
         if *warm_first {
             warm(&src);
         }
-        let (cp_dst, out) = (dir.join("cp-out"), dir.join("reshard-out"));
+        let (cp_dst, out, dd_out) = (dir.join("cp-out"), dir.join("reshard-out"), dir.join("dd-out"));
         let mut cp_t = vec![];
         let mut cps_t = vec![];
         let mut rs: Vec<(String, Vec<f64>, u64)> = tps.iter().map(|t| (format!("--tp {t}"), vec![], 0)).collect();
+        // Rows that are not `reshard convert SRC --out OUT FLAGS`: (label, times, peak anon).
+        let mut other: Vec<(String, Vec<f64>, u64)> = Vec::new();
+        let src_files: Vec<String> = {
+            let mut v: Vec<String> = std::fs::read_dir(&src)
+                .unwrap()
+                .map(|e| s(&e.unwrap().path()))
+                .filter(|p| p.ends_with(".safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        // The bytes `--tp 4` writes, for the dd write of the same size.
+        let out_bytes = if disk {
+            let plan = Command::new(&reshard).args(["plan", &s(&src), "--tp", "4", "--json"]).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&plan.stdout).expect("plan --json");
+            let sum = v["files"].as_array().map(|f| f.iter().filter_map(|f| f["size"].as_u64()).sum::<u64>());
+            sum.filter(|&b| b > 0).unwrap_or(bytes)
+        } else {
+            0
+        };
+        let dd_read = |files: &[String]| {
+            let cmds: Vec<String> =
+                files.iter().map(|f| format!("dd if={f} of=/dev/null bs=4M iflag=direct status=none")).collect();
+            cmds.join(" && ")
+        };
+        let dd_write = format!(
+            "dd if=/dev/zero of={} bs=4M count={} oflag=direct conv=fsync status=none",
+            s(&dd_out),
+            out_bytes.div_ceil(4 << 20)
+        );
+        if disk {
+            other.push((format!("dd iflag=direct (read {:.2} GB)", bytes as f64 / 1e9), vec![], 0));
+            other.push((format!("dd oflag=direct (write {:.2} GB)", out_bytes as f64 / 1e9), vec![], 0));
+            other.push(("dd read and write at once".into(), vec![], 0));
+        }
+        if verify {
+            other.push(("reshard verify (of the --tp 4 output)".into(), vec![], 0));
+            other.push(("dd iflag=direct of source + output".into(), vec![], 0));
+        }
+        if let Some(b) = &baseline {
+            rs.push((format!("BASELINE={b} --tp 4"), vec![], 0));
+        }
         // fp32 -> bf16/f16 halves the bytes written; fp16 -> bf16 keeps them, so it shows the cost
         // of the conversion itself.
         let casts: Vec<&str> = match name {
@@ -220,48 +307,83 @@ fn main() {
             "whisper-large-v3" => vec!["bf16"],
             _ => vec![],
         };
-        rs.extend(casts.iter().map(|d| (format!("--tp 4 --dtype {d}"), vec![], 0)));
-        rs.push(("--tp 4 --no-fsync".into(), vec![], 0));
-        // The default durable output written through the page cache instead of around it.
-        rs.push(("RESHARD_WRITE=buffered --tp 4".into(), vec![], 0));
+        if !lean {
+            rs.extend(casts.iter().map(|d| (format!("--tp 4 --dtype {d}"), vec![], 0)));
+            rs.push(("--tp 4 --no-fsync".into(), vec![], 0));
+            // The default durable output written through the page cache instead of around it.
+            rs.push(("RESHARD_WRITE=buffered --tp 4".into(), vec![], 0));
+        }
         // As on a 16-core machine: the number of files written at once is capped, so memory does
         // not grow with the cores either.
-        if name == "bart-large" {
-            rs.push(("RAYON_NUM_THREADS=16 --tp 8".into(), vec![], 0));
+        if let Some(&top) = tps.iter().max() {
+            rs.push((format!("RAYON_NUM_THREADS=16 --tp {top}"), vec![], 0));
         }
         // One job per command; each iteration starts at a different job, so no command always runs
         // right after a large deletion (this disk is mounted with online discard, and the command
         // after a big delete pays for its TRIMs).
-        let jobs = 2 + rs.len();
+        let n_disk = if disk { 3 } else { 0 };
+        let jobs = 2 + n_disk + rs.len();
         for it in 0..runs {
             for j in 0..jobs {
                 let job = (it + j) % jobs;
                 let _ = std::fs::remove_dir_all(&cp_dst);
                 let _ = std::fs::remove_dir_all(&out);
+                let _ = std::fs::remove_file(&dd_out);
                 match job {
                     0 => cp_t.push(run(&["cp", "-r", &s(&src), &s(&cp_dst)]).secs),
                     1 => cps_t.push(run(&["sh", "-c", &format!("cp -r {} {} && sync", s(&src), s(&cp_dst))]).secs),
+                    2 if disk => other[0].1.push(run(&["sh", "-c", &dd_read(&src_files)]).secs),
+                    3 if disk => other[1].1.push(run(&["sh", "-c", &dd_write]).secs),
+                    4 if disk => {
+                        let both = format!("({}) & ({}); wait", dd_read(&src_files), dd_write);
+                        other[2].1.push(run(&["sh", "-c", &both]).secs)
+                    }
                     k => {
-                        let (flags, times, mem) = &mut rs[k - 2];
+                        let (flags, times, mem) = &mut rs[k - 2 - n_disk];
                         // Leading NAME=VALUE words go to the environment (through `env`, which
                         // execs reshard in the same process, so its memory is what is sampled).
                         let (vars, args): (Vec<&str>, Vec<&str>) = flags.split(' ').partition(|w| w.contains('='));
+                        // BASELINE=BIN is not for the environment: it names the binary to run.
+                        let bin =
+                            vars.iter().find_map(|v| v.strip_prefix("BASELINE=")).map_or(s(&reshard), str::to_string);
                         let mut cmd: Vec<String> = vec!["env".into()];
-                        cmd.extend(vars.iter().map(|v| v.to_string()));
-                        cmd.extend([s(&reshard), "convert".into(), s(&src), "--out".into(), s(&out), "-q".into()]);
+                        cmd.extend(vars.iter().filter(|v| !v.starts_with("BASELINE=")).map(|v| v.to_string()));
+                        cmd.extend([bin, "convert".into(), s(&src), "--out".into(), s(&out), "-q".into()]);
                         cmd.extend(args.iter().map(|a| a.to_string()));
                         let c: Vec<&str> = cmd.iter().map(String::as_str).collect();
                         let r = run(&c);
                         times.push(r.secs);
                         *mem = (*mem).max(r.anon_kib);
+                        if verify && flags == "--tp 4" {
+                            let k = other.len() - 2;
+                            let v = run(&[&s(&reshard), "verify", &s(&src), &s(&out)]);
+                            other[k].1.push(v.secs);
+                            other[k].2 = other[k].2.max(v.anon_kib);
+                            let mut files = src_files.clone();
+                            let mut outs: Vec<String> = std::fs::read_dir(&out)
+                                .unwrap()
+                                .map(|e| s(&e.unwrap().path()))
+                                .filter(|p| p.ends_with(".safetensors"))
+                                .collect();
+                            outs.sort();
+                            files.extend(outs);
+                            other[k + 1].1.push(run(&["sh", "-c", &dd_read(&files)]).secs);
+                        }
                     }
                 }
             }
         }
         let _ = std::fs::remove_dir_all(&cp_dst);
         let _ = std::fs::remove_dir_all(&out);
+        let _ = std::fs::remove_file(&dd_out);
         let (cp, cps) = (median(cp_t.clone()), median(cps_t.clone()));
-        let cache = if *warm_first { "source in page cache" } else { "source not warmed" };
+        let cache = if cold {
+            "page cache dropped before every command"
+        } else if *warm_first {
+            "source in page cache"
+        } else {
+            "source not warmed"
+        };
         println!("{name}: {:.2} GB in {}, {cache}", bytes as f64 / 1e9, s(&src));
         println!("  {:<36} {:>24}  {:>9}  {:>14}  peak anon", "", "median s (min-max)", "x cp -r", "x cp -r && sync");
         println!("  {:<36} {}  {:>9.2}", "cp -r", spread(&cp_t), 1.0);
@@ -277,6 +399,12 @@ fn main() {
                 mem as f64 / 1024.0
             );
         }
+        for (label, times, mem) in other {
+            let m = median(times.clone());
+            let mem = if mem > 0 { format!("{:.1} MiB", mem as f64 / 1024.0) } else { String::new() };
+            println!("  {label:<36} {}  {:>9.2}  {:>14.2}  {mem}", spread(&times), m / cp, m / cps);
+        }
+        println!("  load after: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
         println!();
     }
     // plan on the full-size mllama, sparse (headers only matter).

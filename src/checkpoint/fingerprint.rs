@@ -36,6 +36,20 @@ pub struct Fingerprint {
 
 /// The fingerprint of `ckpt`'s tensors.
 pub fn fingerprint(ckpt: &Checkpoint) -> Fingerprint {
+    // The sampled pages are asked for first, all at once: on a cold cache, a page fault of the
+    // map would read the 8 MiB around each window (the whole of most tensors) and wait for it.
+    for info in ckpt.meta.tensors.values() {
+        let len = info.end - info.start;
+        let file = ckpt.file(info.file);
+        if len <= WHOLE as u64 {
+            crate::write::read::will_need(file, info.start, len);
+        } else {
+            let last = len - WINDOW as u64;
+            for k in 0..WINDOWS as u64 {
+                crate::write::read::will_need(file, info.start + k * last / (WINDOWS as u64 - 1), WINDOW as u64);
+            }
+        }
+    }
     fingerprint_with(&ckpt.meta.tensors, &|_, info, off, len, out| {
         out.extend_from_slice(ckpt.bytes(info).get(off..off + len).unwrap_or(&[]))
     })

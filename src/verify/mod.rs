@@ -419,7 +419,9 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
         .collect();
     let (mut files, mut tensors, mut bytes) = (0, 0, 0);
     let mut shards = Vec::with_capacity(tp);
+    let mut sums = BTreeMap::new();
     for rr in per_rank {
+        sums.extend(rr.sums);
         files += rr.files;
         tensors += rr.tensors;
         bytes += rr.bytes;
@@ -427,7 +429,7 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
         shards.extend(rr.shard);
     }
     if let Some(m) = &manifest {
-        findings.extend(check_manifest(m, out, tp, &ranks, mapping));
+        findings.extend(check_manifest(m, out, tp, &ranks, mapping, &sums));
     }
     let mut layers = Vec::new();
     let forward_possible = mapping.file.cross_attention.is_some() && !hf && only.is_none();
@@ -580,6 +582,8 @@ struct RankResult {
     tensors: usize,
     bytes: u64,
     findings: Vec<Finding>,
+    /// Size and CRC-32 of each of the rank's files, by name (for the manifest check).
+    sums: Vec<(String, (u64, u32))>,
     /// The rank's files, opened (kept for the forward check).
     shard: Option<Checkpoint>,
 }
@@ -592,7 +596,8 @@ fn check_rank(
     parts: &[(usize, String)],
     progress: &crate::progress::Progress,
 ) -> RankResult {
-    let mut rr = RankResult { files: parts.len(), tensors: 0, bytes: 0, findings: Vec::new(), shard: None };
+    let mut rr =
+        RankResult { files: parts.len(), tensors: 0, bytes: 0, findings: Vec::new(), sums: Vec::new(), shard: None };
     let names: Vec<String> = parts.iter().map(|(_, n)| n.clone()).collect();
     if names.is_empty() {
         rr.findings.push(finding(FindingKind::Missing, Some(rank), None, "no files for this rank".into()));
@@ -609,6 +614,7 @@ fn check_rank(
         }
     };
     let planned: Vec<&OutTensor> = plan.files.iter().filter(|f| f.rank == rank).flat_map(|f| &f.tensors).collect();
+    let mut sums: Vec<FileSum> = (0..shard.meta.files.len()).map(|i| FileSum::new(shard.file_bytes(i))).collect();
     for t in &planned {
         let Some(info) = shard.meta.tensors.get(&t.name) else {
             rr.findings.push(finding(
@@ -640,7 +646,12 @@ fn check_rank(
         if let Some(f) = compare_tensor(ckpt, t, got) {
             rr.findings.push(Finding { rank: Some(rank), file: Some(shard.meta.files[info.file].name.clone()), ..f });
         }
+        sums[info.file].advance(shard.file_bytes(info.file), shard.file(info.file), info.end as usize);
         progress.inc(t.nbytes);
+    }
+    for (i, sum) in sums.into_iter().enumerate() {
+        let (bytes, file) = (shard.file_bytes(i), shard.file(i));
+        rr.sums.push((shard.meta.files[i].name.clone(), sum.finish(bytes, file)));
     }
     for name in shard.meta.tensors.keys() {
         if !planned.iter().any(|t| &t.name == name) {
@@ -654,6 +665,52 @@ fn check_rank(
     }
     rr.shard = Some(shard);
     rr
+}
+
+/// The CRC-32 of an output file, computed as its tensors are compared, from the same mapped bytes
+/// just after them: the file is read once, not a second time for the manifest check (on an output
+/// larger than the page cache, that second pass read it from the disk again).
+struct FileSum {
+    crc: crc32fast::Hasher,
+    /// Bytes summed so far, from the start of the file.
+    at: usize,
+    /// Whether the file was not in the page cache when verify opened it: then the pages behind
+    /// the cursor are dropped from the cache as it moves on (clean pages, dropped at once), so
+    /// that an output larger than the memory does not push the source's pages out, nor make the
+    /// kernel reclaim pages for every new one.
+    drop_behind: bool,
+    /// Bytes dropped from the cache so far.
+    dropped: usize,
+}
+
+impl FileSum {
+    fn new(bytes: &[u8]) -> Self {
+        let drop_behind = crate::write::read::uncached_bytes(bytes) > bytes.len() as u64 / 2;
+        FileSum { crc: crc32fast::Hasher::new(), at: 0, drop_behind, dropped: 0 }
+    }
+
+    /// Sums the file's bytes up to `to` (nothing if they are summed already).
+    fn advance(&mut self, bytes: &[u8], file: &std::fs::File, to: usize) {
+        let to = to.min(bytes.len());
+        if to <= self.at {
+            return;
+        }
+        self.crc.update(&bytes[self.at..to]);
+        self.at = to;
+        if self.drop_behind {
+            let upto = to - to % crate::write::read::ALIGN;
+            if upto > self.dropped {
+                crate::write::read::drop_cached(file, self.dropped as u64, (upto - self.dropped) as u64);
+                self.dropped = upto;
+            }
+        }
+    }
+
+    /// The size and CRC-32 of the whole file.
+    fn finish(mut self, bytes: &[u8], file: &std::fs::File) -> (u64, u32) {
+        self.advance(bytes, file, bytes.len());
+        (bytes.len() as u64, self.crc.finalize())
+    }
 }
 
 /// Compares one output tensor with its pieces; the first difference, if any.
@@ -845,6 +902,7 @@ fn check_manifest(
     tp: usize,
     ranks: &BTreeMap<usize, Vec<(usize, String)>>,
     mapping: &Mapping,
+    sums: &BTreeMap<String, (u64, u32)>,
 ) -> Vec<Finding> {
     let mut f = Vec::new();
     let mf = |msg: String| finding(FindingKind::Manifest, None, None, msg);
@@ -863,7 +921,9 @@ fn check_manifest(
     let on_disk: Vec<&String> = ranks.values().flatten().map(|(_, n)| n).collect();
     for e in m.files.iter().map(|x| &x.entry) {
         let path = out.join(&e.name);
-        match crc_file(&path) {
+        // The rank files' sums were computed as they were compared; any other file is read here.
+        let sum = sums.get(&e.name).map(|s| Ok(*s)).unwrap_or_else(|| crc_file(&path));
+        match sum {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => f.push(Finding {
                 file: Some(e.name.clone()),
                 ..mf(format!("{} is listed in the manifest but missing", q(&e.name)))

@@ -22,6 +22,7 @@
 //! spinning. At most [`FILES_AT_ONCE`] files are in flight, so memory is bounded whatever the
 //! number of cores.
 
+use super::read::{self, Block, ReadMode, ALIGN};
 use super::{io, manifest::FileEntry, WriteError};
 use crate::checkpoint::Checkpoint;
 use crate::dtype::{self, Dtype};
@@ -328,19 +329,20 @@ fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
     file.set_len(size)
 }
 
-/// Block size and alignment of direct (`O_DIRECT`) writes.
-const ALIGN: usize = 4096;
-/// Bytes a direct writer stages before each write.
-const DIRECT_BUF: usize = 4 << 20;
-/// Blocks per direct stream: one being filled, the others being written.
-const BLOCKS: usize = 3;
-/// Writes in flight per direct stream: one 4 MiB write at a time leaves the disk idle between
-/// writes (docs/performance.md: `dd oflag=direct` of 1.6 GB takes 1.16 s as one stream, 0.82-0.92 s
-/// as two).
+/// Bytes a direct writer stages before each write. 2 MiB blocks wrote BART-large at tp 4 as fast
+/// as 4 MiB ones (cached input, 3 alternating runs each: 1.03-1.13 s and 1.05-1.10 s against
+/// 1.08-1.23 s; docs/performance.md, run 8) in half the memory.
+const DIRECT_BUF: usize = 2 << 20;
+/// Blocks per direct stream: one being filled, two being written, one full and queued.
+const BLOCKS: usize = 4;
+/// Writes in flight per direct stream: one write at a time leaves the disk idle between writes
+/// (docs/performance.md: `dd oflag=direct` of 1.6 GB takes 1.16 s as one stream, 0.82-0.92 s as
+/// two).
 const WRITERS: usize = 2;
 /// At most this many files are written at once, whatever the number of cores: each holds up to
-/// 16 MiB of buffers (3 blocks and a gather buffer), and the disk gains nothing from more streams.
-const FILES_AT_ONCE: usize = 3;
+/// 12 MiB of buffers (4 write blocks and 2 read blocks of 2 MiB), so that the process stays
+/// under 32 MiB of anonymous memory, and the disk gains nothing from more streams.
+const FILES_AT_ONCE: usize = 2;
 
 /// How output files are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -350,26 +352,6 @@ enum Io {
     /// Around the page cache (`O_DIRECT`): the file is streamed, in offset order, through aligned
     /// 4 MiB blocks written straight to the disk, two at a time.
     Direct,
-}
-
-/// A block of memory aligned to [`ALIGN`] (allocated with room to spare), as direct writes need.
-struct Block {
-    mem: Vec<u8>,
-    skew: usize,
-    len: usize,
-}
-
-impl Block {
-    /// A zeroed block of `len` bytes; the stream's are [`DIRECT_BUF`] long.
-    fn new(len: usize) -> Self {
-        let mem = vec![0u8; len + ALIGN];
-        let skew = mem.as_ptr().align_offset(ALIGN);
-        Block { mem, skew, len }
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        &mut self.mem[self.skew..self.skew + self.len]
-    }
 }
 
 /// A file written as a stream, in offset order, through [`BLOCKS`] aligned blocks: one is filled
@@ -416,13 +398,13 @@ impl Stream<'_> {
     ) -> Result<(), WriteError> {
         let mut at = 0;
         while len > 0 {
-            let n = len.min(DIRECT_BUF - self.fill);
+            let n = len.min(self.cur.len() - self.fill);
             let fill = self.fill;
             make(&mut self.cur.bytes()[fill..fill + n], at)?;
             self.fill += n;
             at += n;
             len -= n;
-            if self.fill == DIRECT_BUF {
+            if self.fill == self.cur.len() {
                 self.flush()?;
             }
         }
@@ -471,9 +453,9 @@ fn stream_to(
                             failed.store(true, Ordering::Relaxed);
                             return Err(io(path)(e));
                         }
-                        if free_tx.send(b).is_err() {
-                            return Ok(());
-                        }
+                        // Once the stream has ended nobody takes blocks back, but the blocks still
+                        // queued must be written: the loop ends only when the queue is empty.
+                        let _ = free_tx.send(b);
                     }
                 })
             })
@@ -515,18 +497,82 @@ fn stream_to(
     Ok(crc)
 }
 
-/// Appends one unit to a direct stream; `buf` is scratch space for gathers.
-fn exec_direct(ckpt: &Checkpoint, u: &Unit, out: &mut Stream, buf: &mut Vec<u8>) -> Result<(), WriteError> {
+/// Elements cast at a time when a gather is appended to a direct stream: the cast bytes go
+/// through a scratch buffer of at most 128 KiB, not a buffer of the whole unit.
+const CAST_STEP: usize = 1 << 14;
+
+/// Appends one unit to a direct stream. Long runs come from `reader` when there is one (read
+/// ahead, around the page cache where the source is not cached), else by `pread`; gathers and
+/// casts go straight into the stream's block, through `scratch` for casts.
+fn exec_direct(
+    ckpt: &Checkpoint,
+    u: &Unit,
+    out: &mut Stream,
+    reader: Option<&Reader>,
+    scratch: &mut Vec<u8>,
+) -> Result<(), WriteError> {
     match &u.kind {
         Kind::Copy { src, src_off } => {
             // `pread` rather than the map: the kernel copies from its cache without a page
             // fault per 4 KiB of source.
             let (file, src_path) = (ckpt.file(*src), &ckpt.meta.files[*src].path);
-            out.put(u.len as usize, |b, at| file.read_exact_at(b, src_off + at as u64).map_err(io(src_path)))
+            let pread = |out: &mut Stream, off: u64, len: usize| {
+                out.put(len, |b, at| file.read_exact_at(b, off + at as u64).map_err(io(src_path)))
+            };
+            let Some(reader) = reader else { return pread(out, *src_off, u.len as usize) };
+            let mut k = 0;
+            while k < u.len {
+                let stopped = || WriteError::Internal {
+                    tensor: src_path.display().to_string(),
+                    from: format!("the reader stopped before offset {}", src_off + k),
+                };
+                let Ahead::Run(off, len, chunk) = reader.chunks.recv().map_err(|_| stopped())?? else {
+                    return Err(stopped());
+                };
+                if off != src_off + k || len as u64 > u.len - k {
+                    return Err(WriteError::Internal {
+                        tensor: src_path.display().to_string(),
+                        from: format!("read ahead {off}+{len}, expected offset {}", src_off + k),
+                    });
+                }
+                match chunk {
+                    None => pread(out, off, len)?,
+                    Some((block, at)) => {
+                        out.append(&block.as_slice()[at..at + len])?;
+                        // The reader is gone only when it stopped on an error, sent already.
+                        let _ = reader.free.send(block);
+                    }
+                }
+                k += len as u64;
+            }
+            Ok(())
         }
         Kind::Gather { runs, cast } => {
-            gather(ckpt, runs, *cast, buf)?;
-            out.append(buf)
+            if let Some(reader) = reader {
+                // Its pages are on their way into the cache: the map's page faults wait for them
+                // rather than read around them.
+                let gone = || WriteError::Internal { tensor: String::new(), from: "the reader stopped".into() };
+                let Ahead::Gather = reader.chunks.recv().map_err(|_| gone())?? else { return Err(gone()) };
+            }
+            for &(src, off, len) in runs {
+                let bytes = src_slice(ckpt, src, off, len)?;
+                let Some((from, to)) = *cast else {
+                    out.append(bytes)?;
+                    continue;
+                };
+                for c in bytes.chunks(CAST_STEP * from.size()) {
+                    scratch.clear();
+                    if !dtype::cast_into(from, c, to, scratch) {
+                        // The planner refuses such a cast; never write one dtype's bytes as another's.
+                        return Err(WriteError::Internal {
+                            tensor: String::new(),
+                            from: format!("a cast from {from} to {to}"),
+                        });
+                    }
+                    out.append(scratch)?;
+                }
+            }
+            Ok(())
         }
         Kind::Zeros => out.put(u.len as usize, |b, _| {
             b.fill(0);
@@ -536,6 +582,99 @@ fn exec_direct(ckpt: &Checkpoint, u: &Unit, out: &mut Stream, buf: &mut Vec<u8>)
             fill_repeated(b, elem, at);
             Ok(())
         }),
+    }
+}
+
+/// Bytes of source read ahead at a time.
+const READ_CHUNK: usize = 2 << 20;
+/// Read blocks per file: one being copied into the stream, the other being read.
+const READ_BLOCKS: usize = 2;
+
+/// What the read-ahead thread has done for the next unit of the stream.
+enum Ahead {
+    /// A chunk of a long source run: its source offset, its length, and either `None`, to be
+    /// read through the page cache by the stream's thread, or the block holding it and where in
+    /// it.
+    Run(u64, usize, Option<(Block, usize)>),
+    /// The page-cache reads of a gather unit's source ranges are started.
+    Gather,
+}
+
+/// The stream's end of a file's read-ahead thread ([`read_ahead`]).
+struct Reader {
+    chunks: std::sync::mpsc::Receiver<Result<Ahead, WriteError>>,
+    /// Blocks back to the reader once copied.
+    free: std::sync::mpsc::SyncSender<Block>,
+}
+
+/// Reads the long source runs of file `f`, in the order the stream needs them, [`READ_CHUNK`]
+/// bytes at a time, ahead of the stream: around the page cache (into one of [`READ_BLOCKS`]
+/// aligned blocks) where `direct` has a handle and, unless `mode` forces it, the range is not all
+/// in the cache; chunks that are are left to the stream's `pread`. Stops at the first error
+/// (sent on) or when the stream hangs up.
+fn read_ahead(
+    ckpt: &Checkpoint,
+    f: &FilePlan,
+    header_len: u64,
+    direct: &[Option<File>],
+    mode: ReadMode,
+    chunks: std::sync::mpsc::SyncSender<Result<Ahead, WriteError>>,
+    free: std::sync::mpsc::Receiver<Block>,
+) {
+    let mut made = 0;
+    let gone = || WriteError::Internal { tensor: f.name.clone(), from: "the stream stopped".into() };
+    let r = cut(ckpt, f, header_len, &mut |u| {
+        let (src, src_off) = match u.kind {
+            Kind::Copy { src, src_off } => (src, src_off),
+            Kind::Gather { runs, .. } => {
+                // One read-ahead per source file's span of the runs: a row-parallel slice spans
+                // whole rows, which the other ranks read from the cache after this one.
+                let mut span: Option<(usize, u64, u64)> = None;
+                for (file, off, len) in runs {
+                    let end = off + len as u64;
+                    span = match span {
+                        Some((f, lo, hi)) if f == file => Some((f, lo.min(off), hi.max(end))),
+                        prev => {
+                            if let Some((f, lo, hi)) = prev {
+                                read::will_need(ckpt.file(f), lo, hi - lo);
+                            }
+                            Some((file, off, end))
+                        }
+                    };
+                }
+                if let Some((f, lo, hi)) = span {
+                    read::will_need(ckpt.file(f), lo, hi - lo);
+                }
+                return chunks.send(Ok(Ahead::Gather)).map_err(|_| gone());
+            }
+            _ => return Ok(()),
+        };
+        for k in (0..u.len).step_by(READ_CHUNK) {
+            let (off, len) = (src_off + k, READ_CHUNK.min((u.len - k) as usize));
+            let handle = direct.get(src).and_then(Option::as_ref);
+            let handle =
+                handle.filter(|_| mode == ReadMode::Direct || !read::resident(ckpt.file_bytes(src), off as usize, len));
+            let chunk = match handle {
+                None => None,
+                Some(d) => {
+                    let mut block = if made < READ_BLOCKS {
+                        made += 1;
+                        Block::new(READ_CHUNK + 2 * ALIGN)
+                    } else {
+                        free.recv().map_err(|_| gone())?
+                    };
+                    let at = read::read_direct(d, ckpt.file(src), off, len, &mut block)
+                        .map_err(io(&ckpt.meta.files[src].path))?;
+                    Some((block, at))
+                }
+            };
+            chunks.send(Ok(Ahead::Run(off, len, chunk))).map_err(|_| gone())?;
+        }
+        Ok(())
+    });
+    if let Err(e) = r {
+        // Nobody to tell when the stream itself hung up.
+        let _ = chunks.send(Err(e));
     }
 }
 
@@ -607,10 +746,11 @@ fn write_file(
     progress: &(dyn Fn(u64) + Sync),
     fsync: bool,
     mode: Io,
+    src: &Sources,
 ) -> Result<String, WriteError> {
     let header = super::header_bytes(&f.tensors);
     if mode == Io::Direct {
-        return write_file_direct(ckpt, f, &header, path, progress, fsync);
+        return write_file_direct(ckpt, f, &header, path, progress, fsync, src);
     }
     let file = File::create(path).map_err(io(path))?;
     preallocate(&file, f.size).map_err(io(path))?;
@@ -631,7 +771,8 @@ fn write_file(
     finish(&file, path, fsync, crc)
 }
 
-/// [`write_file`] around the page cache: one [`Stream`], in offset order.
+/// [`write_file`] around the page cache: one [`Stream`], in offset order, its long source runs
+/// read ahead by a [`read_ahead`] thread unless `read` is [`ReadMode::Cached`].
 fn write_file_direct(
     ckpt: &Checkpoint,
     f: &FilePlan,
@@ -639,23 +780,85 @@ fn write_file_direct(
     path: &Path,
     progress: &(dyn Fn(u64) + Sync),
     fsync: bool,
+    src: &Sources,
 ) -> Result<String, WriteError> {
+    use std::sync::mpsc::sync_channel;
     let file = create_direct(path)
         .map_err(io(path))?
         .ok_or_else(|| WriteError::Io { path: path.to_path_buf(), source: std::io::Error::other("no O_DIRECT") })?;
     preallocate(&file, f.size.next_multiple_of(ALIGN as u64)).map_err(io(path))?;
-    let crc = stream_to(&file, path, f.size, |out| {
-        out.append(header)?;
-        super::crash_point();
-        let mut buf = Vec::new();
-        cut(ckpt, f, header.len() as u64, &mut |u| {
-            exec_direct(ckpt, &u, out, &mut buf)?;
+    let header_len = header.len() as u64;
+    let crc = std::thread::scope(|sc| {
+        let reader = (src.mode != ReadMode::Cached).then(|| {
+            let (chunks_tx, chunks) = sync_channel(2 * READ_BLOCKS);
+            let (free, free_rx) = sync_channel(READ_BLOCKS);
+            sc.spawn(move || read_ahead(ckpt, f, header_len, &src.direct, src.mode, chunks_tx, free_rx));
+            Reader { chunks, free }
+        });
+        // The reader ends when `reader` is dropped, at the end of this closure, if not before.
+        stream_to(&file, path, f.size, |out| {
+            out.append(header)?;
             super::crash_point();
-            progress(u.len);
-            Ok(())
+            let mut scratch = Vec::new();
+            cut(ckpt, f, header_len, &mut |u| {
+                exec_direct(ckpt, &u, out, reader.as_ref(), &mut scratch)?;
+                super::crash_point();
+                progress(u.len);
+                Ok(())
+            })
         })
     })?;
     finish(&file, path, fsync, crc)
+}
+
+/// How the sources are read on the direct write path.
+struct Sources {
+    mode: ReadMode,
+    /// An `O_DIRECT` handle per source file, where the filesystem allows one.
+    direct: Vec<Option<File>>,
+}
+
+impl Sources {
+    /// The read mode from the environment ([`ReadMode::from_env`]) and the direct handles it
+    /// needs; with `RESHARD_READ=direct`, a source that refuses `O_DIRECT` is an error.
+    ///
+    /// Without `RESHARD_READ`, the sources are read around the page cache only when the part of
+    /// them that is not cached is more than half the memory available ([`direct_pays`]); then a
+    /// range that is all cached is still read from the cache.
+    fn open(ckpt: &Checkpoint) -> Result<Self, WriteError> {
+        let mut mode = ReadMode::from_env();
+        if mode == ReadMode::Auto && !direct_pays(ckpt) {
+            mode = ReadMode::Cached;
+        }
+        let mut direct = Vec::new();
+        if mode != ReadMode::Cached {
+            for (i, sf) in ckpt.meta.files.iter().enumerate() {
+                let d = read::open_direct(ckpt.file(i));
+                if d.is_none() && mode == ReadMode::Direct {
+                    return Err(WriteError::Io {
+                        path: sf.path.clone(),
+                        source: std::io::Error::other(
+                            "RESHARD_READ=direct, but this file cannot be opened with O_DIRECT",
+                        ),
+                    });
+                }
+                direct.push(d);
+            }
+        }
+        Ok(Sources { mode, direct })
+    }
+}
+
+/// Whether reading around the page cache pays: when the bytes of the sources that are not in the
+/// cache (`mincore` of the maps) are more than half of `MemAvailable`. Measured (docs/performance.md,
+/// run 8): a cold 21.3 GB input at tp 4 converted in 33.6 s read directly against 39.5 s through
+/// the cache (16.7 s of system time, reclaiming and refilling cache pages), but a cold 1.6 GB one
+/// in 3.8-4.7 s against 2.0-3.4 s: while the input fits the memory, the kernel's read-ahead keeps
+/// more reads in flight than the stream's one, and every rank of a row-parallel tensor finds its
+/// rows in the cache.
+fn direct_pays(ckpt: &Checkpoint) -> bool {
+    let uncached: u64 = (0..ckpt.meta.files.len()).map(|i| read::uncached_bytes(ckpt.file_bytes(i))).sum();
+    read::mem_available().is_some_and(|avail| uncached > avail / 2)
 }
 
 /// Writes every file of `plan` into `dir`; returns their manifest entries (size and CRC-32).
@@ -672,6 +875,8 @@ pub fn write_files(
         cut(ckpt, f, super::header_bytes(&f.tensors).len() as u64, &mut |_| Ok(()))?;
     }
     let mode = choose_io(dir, fsync)?;
+    let src =
+        if mode == Io::Direct { Sources::open(ckpt)? } else { Sources { mode: ReadMode::Cached, direct: vec![] } };
     // Largest files first, so the last one to start is a small one.
     let mut order: Vec<usize> = (0..plan.files.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.files[i].size));
@@ -681,7 +886,7 @@ pub fn write_files(
             .with_max_len(1)
             .map(|&i| {
                 let f = &plan.files[i];
-                write_file(ckpt, f, &dir.join(&f.name), progress, fsync, mode).map(|c| (i, c))
+                write_file(ckpt, f, &dir.join(&f.name), progress, fsync, mode, &src).map(|c| (i, c))
             })
             .collect::<Result<Vec<(usize, String)>, WriteError>>()
     };

@@ -11,6 +11,7 @@ mod engine;
 pub mod interrupt;
 pub mod manifest;
 mod publish;
+pub(crate) mod read;
 
 use crate::checkpoint::Checkpoint;
 use crate::plan::{OutTensor, ShardPlan};

@@ -1,0 +1,276 @@
+//! Reading source bytes around the page cache.
+//!
+//! A conversion or a verification of a checkpoint that is not in the page cache reads each byte
+//! once: going through the cache costs a copy into freshly allocated cache pages, which on a VM
+//! that hands free memory back to its host also costs a host fault per page (docs/performance.md:
+//! `cat` of a cold 4.9 GB shard took 7.1 s of system time, `dd iflag=direct` 0.12 s). So long
+//! runs that are not cached are read with `O_DIRECT` into aligned blocks ([`Block`]) instead,
+//! and copied from there.
+//!
+//! Whether a range is cached is asked of the kernel with `mincore` on the range of the source's
+//! map ([`resident`]): a range whose every page is in the cache is read through it (a copy from
+//! cache pages that already exist), any other is read directly. `RESHARD_READ=direct|cached`
+//! overrides the choice ([`ReadMode::from_env`]; tests and benchmarks).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// Alignment of direct reads and writes: offsets, lengths and buffer addresses.
+pub(crate) const ALIGN: usize = 4096;
+
+/// A block of memory aligned to [`ALIGN`] (allocated with room to spare), as direct I/O needs.
+pub(crate) struct Block {
+    mem: Vec<u8>,
+    skew: usize,
+    len: usize,
+}
+
+impl Block {
+    /// A zeroed block of `len` bytes.
+    pub(crate) fn new(len: usize) -> Self {
+        let mem = vec![0u8; len + ALIGN];
+        let skew = mem.as_ptr().align_offset(ALIGN);
+        Block { mem, skew, len }
+    }
+
+    /// The block's bytes (aligned to [`ALIGN`]).
+    pub(crate) fn bytes(&mut self) -> &mut [u8] {
+        &mut self.mem[self.skew..self.skew + self.len]
+    }
+
+    /// The block's length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The block's bytes, read-only.
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        &self.mem[self.skew..self.skew + self.len]
+    }
+}
+
+/// How long source runs are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReadMode {
+    /// Through the page cache (`pread`), always.
+    Cached,
+    /// Around it (`O_DIRECT`), always; an error where the filesystem refuses.
+    Direct,
+    /// Around it where [`resident`] says a range is not all cached, through it otherwise.
+    Auto,
+}
+
+impl ReadMode {
+    /// `RESHARD_READ=direct|cached` from the environment; [`ReadMode::Auto`] otherwise.
+    pub(crate) fn from_env() -> Self {
+        match std::env::var("RESHARD_READ").as_deref() {
+            Ok("direct") => ReadMode::Direct,
+            Ok("cached") => ReadMode::Cached,
+            _ => ReadMode::Auto,
+        }
+    }
+}
+
+/// A second handle on the open file `f`, with `O_DIRECT`: opened through `/proc/self/fd`, so it is
+/// the same file even if its path was replaced meanwhile (checked: same device and inode). `None`
+/// where the system or the filesystem has no `O_DIRECT` (a tmpfs, no `/proc`).
+pub(crate) fn open_direct(f: &File) -> Option<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let d = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(format!("/proc/self/fd/{}", f.as_raw_fd()))
+            .ok()?;
+        let (a, b) = (f.metadata().ok()?, d.metadata().ok()?);
+        (a.dev() == b.dev() && a.ino() == b.ino() && b.is_file()).then_some(d)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = f;
+        None
+    }
+}
+
+/// Whether every page of `map[off..off + len]` is in the page cache (`mincore`). `false` when
+/// the kernel cannot say.
+pub(crate) fn resident(map: &[u8], off: usize, len: usize) -> bool {
+    matches!(resident_pages(map, off, len), Some((r, all)) if r == all)
+}
+
+/// How many bytes of `map` are not in the page cache (all of them when the kernel cannot say).
+pub(crate) fn uncached_bytes(map: &[u8]) -> u64 {
+    let page = page_size();
+    match resident_pages(map, 0, map.len()) {
+        Some((r, _)) => (map.len() as u64).saturating_sub((r * page) as u64),
+        None => map.len() as u64,
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 {
+        page as usize
+    } else {
+        ALIGN
+    }
+}
+
+/// (resident pages, pages) of `map[off..off + len]`, from `mincore`; `None` when it fails.
+fn resident_pages(map: &[u8], off: usize, len: usize) -> Option<(usize, usize)> {
+    #[cfg(target_os = "linux")]
+    {
+        let page = page_size();
+        let end = off.saturating_add(len).min(map.len());
+        let (mut resident, mut total) = (0, 0);
+        // The map starts on a page boundary, so page-aligned offsets into it are page-aligned
+        // addresses.
+        let mut at = off.min(end) - off.min(end) % page;
+        let mut vec = [0u8; 4096];
+        while at < end {
+            let span = (end - at).min(vec.len() * page);
+            let pages = span.div_ceil(page);
+            // SAFETY: `at` is page-aligned within the live map and `span` does not go past its end
+            // (mincore rounds it up to the page, and the map's last page is whole); `vec` holds
+            // one byte per page of the span.
+            let r = unsafe { libc::mincore(map.as_ptr().add(at) as *mut libc::c_void, span, vec.as_mut_ptr()) };
+            if r != 0 {
+                return None;
+            }
+            resident += vec[..pages].iter().filter(|v| *v & 1 == 1).count();
+            total += pages;
+            at += span;
+        }
+        Some((resident, total))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (map, off, len);
+        None
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (`None` where there is none).
+pub(crate) fn mem_available() -> Option<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        m.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Asks the kernel to start reading `len` bytes at `off` of `f` into the page cache, without
+/// waiting (`posix_fadvise(WILLNEED)`, 8 MiB at a time: the kernel reads at most its read-ahead
+/// window per call). Readers of a map then find the pages there, instead of each page fault
+/// reading the 8 MiB around it, most of which, next to a long run read directly, nobody needs.
+pub(crate) fn will_need(f: &File, off: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        const STEP: u64 = 8 << 20;
+        let mut at = off;
+        while at < off + len {
+            let n = STEP.min(off + len - at);
+            // SAFETY: a hint on an open descriptor; no memory is shared with the kernel.
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), at as libc::off_t, n as libc::off_t, libc::POSIX_FADV_WILLNEED)
+            };
+            at += n;
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, off, len);
+}
+
+/// Drops the clean cached pages of `len` bytes at `off` of `f` (`posix_fadvise(DONTNEED)`): for
+/// a reader that is done with them, on a file larger than the memory.
+pub(crate) fn drop_cached(f: &File, off: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a hint on an open descriptor; no memory is shared with the kernel.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), off as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED)
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, off, len);
+}
+
+/// Reads `len` bytes at `off` of the `O_DIRECT` handle `direct` into `block`, which must hold
+/// `len + 2 * ALIGN` bytes: the aligned range around them is read. Returns where in the block the
+/// bytes start. A short read that leaves the grid (the end of the file) is completed with `plain`
+/// (a buffered handle on the same file).
+pub(crate) fn read_direct(
+    direct: &File,
+    plain: &File,
+    off: u64,
+    len: usize,
+    block: &mut Block,
+) -> std::io::Result<usize> {
+    let lo = off - off % ALIGN as u64;
+    let skip = (off - lo) as usize;
+    let want = (skip + len).next_multiple_of(ALIGN);
+    let buf = block.bytes();
+    if buf.len() < want {
+        return Err(std::io::Error::other(format!("read block of {} bytes for {want}", buf.len())));
+    }
+    let mut got = 0;
+    while got < skip + len {
+        if got % ALIGN != 0 {
+            // Only the end of the file ends a direct read off the grid; the rest, if any, is
+            // read through the cache.
+            plain.read_exact_at(&mut buf[got..skip + len], lo + got as u64)?;
+            break;
+        }
+        match direct.read_at(&mut buf[got..want], lo + got as u64) {
+            Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "source ended early")),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(skip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct reads return exactly the bytes asked for, at every alignment and up to the file's
+    /// last byte (off the 4 KiB grid).
+    #[test]
+    fn direct_reads_match_the_file() {
+        // On the checkout's disk, where O_DIRECT works (a tmpfs /tmp may refuse it).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..3 * ALIGN * 7 + 123).map(|i| (i * 31 + i / 4096) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let plain = File::open(&path).unwrap();
+        let Some(direct) = open_direct(&plain) else { return };
+        let mut block = Block::new(8 * ALIGN + 2 * ALIGN);
+        for (off, len) in
+            [(0, 1), (1, 4095), (4095, 2), (4096, 4096), (100, 5 * ALIGN), (data.len() - 7, 7), (0, 8 * ALIGN)]
+        {
+            let at = read_direct(&direct, &plain, off as u64, len, &mut block).unwrap();
+            assert_eq!(&block.as_slice()[at..at + len], &data[off..off + len], "{off}+{len}");
+        }
+    }
+
+    #[test]
+    fn a_mapped_file_just_read_is_resident() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![7u8; 5 * ALIGN]).unwrap();
+        let f = File::open(&path).unwrap();
+        // SAFETY: a private read-only map of a file this test owns.
+        let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+        let _ = std::fs::read(&path).unwrap();
+        assert!(resident(&map, 0, map.len()));
+        assert!(resident(&map, 10, 3));
+        assert!(resident(&map, map.len(), 0));
+        assert_eq!(uncached_bytes(&map), 0);
+    }
+}
