@@ -1,6 +1,6 @@
 //! Conversion benchmark: `cp -r` against `reshard convert`, run alternately on the same disk.
 //!
-//!     cargo build --release --examples && target/release/examples/bench [--runs 5] [--dir /work/bench]
+//!     cargo build --release --bins --examples && target/release/examples/bench [--runs 5] [--dir /work/bench]
 //!         [--quick] [--only NAME] [--no-full] [--cold] [--disk] [--verify] [--tps 4,8] [--baseline BIN]
 //!
 //! Generates the synthetic real-shape inputs with `synth` when missing (BART-large fp32 ~1.6 GB,
@@ -179,7 +179,7 @@ fn main() {
     let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
     let reshard = bin.join("reshard");
     let synth = bin.join("examples/synth");
-    assert!(reshard.exists() && synth.exists(), "build first: cargo build --release --examples");
+    assert!(reshard.exists() && synth.exists(), "build first: cargo build --release --bins --examples");
     std::fs::create_dir_all(&dir).unwrap();
     let s = |p: &Path| p.to_str().unwrap().to_string();
     if args.iter().any(|a| a == "--reshard") {
@@ -444,7 +444,7 @@ fn bench_reshard(dir: &Path, reshard: &Path, synth: &Path, runs: usize, only: Op
         }
         warm(&src);
         warm(&tp4);
-        let out = dir.join("reshard-out");
+        let out = dir.join("reshard-from-shards-out");
         let jobs: Vec<(String, Vec<String>)> = vec![
             (
                 "reshard convert SRC --tp 2".into(),
