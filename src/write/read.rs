@@ -18,11 +18,9 @@ use std::os::unix::fs::FileExt;
 /// Alignment of direct reads and writes: offsets, lengths and buffer addresses.
 pub(crate) const ALIGN: usize = 4096;
 
-/// A block of memory aligned to [`ALIGN`], as direct I/O needs: an anonymous map of its own, so
-/// that it goes back to the system when dropped. (From the allocator, the blocks of a file
-/// written by one thread stayed in that thread's arena after it ended, and the next file's
-/// threads took new memory: 36.9 MiB of anonymous memory for the full 11B-Vision shape at tp 4,
-/// docs/performance.md, run 8.)
+/// A block of memory aligned to [`ALIGN`], as direct I/O needs: an anonymous map of its own,
+/// page-aligned, and returned to the system when dropped (not kept in the allocator's arena of a
+/// thread that has ended).
 pub(crate) struct Block {
     mem: memmap2::MmapMut,
     len: usize,
