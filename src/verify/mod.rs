@@ -667,6 +667,9 @@ fn check_rank(
     rr
 }
 
+/// Bytes of an output file dropped from the page cache at a time ([`FileSum`]).
+const DROP_STEP: usize = 64 << 20;
+
 /// The CRC-32 of an output file, computed as its tensors are compared, from the same mapped bytes
 /// just after them: the file is read once, not a second time for the manifest check (on an output
 /// larger than the page cache, that second pass read it from the disk again).
@@ -692,14 +695,16 @@ impl FileSum {
     /// Sums the file's bytes up to `to` (nothing if they are summed already).
     fn advance(&mut self, bytes: &[u8], file: &std::fs::File, to: usize) {
         let to = to.min(bytes.len());
-        if to <= self.at {
-            return;
+        if to > self.at {
+            self.crc.update(&bytes[self.at..to]);
+            self.at = to;
         }
-        self.crc.update(&bytes[self.at..to]);
-        self.at = to;
         if self.drop_behind {
+            let to = self.at;
             let upto = to - to % crate::write::read::ALIGN;
-            if upto > self.dropped {
+            // In steps of at least DROP_STEP (or at the end): each call may wait for every CPU
+            // to drain its page lists (`lru_add_drain_all`), too slow to make per tensor.
+            if upto >= self.dropped + DROP_STEP || (to == bytes.len() && upto > self.dropped) {
                 crate::write::read::drop_cached(file, self.dropped as u64, (upto - self.dropped) as u64);
                 self.dropped = upto;
             }

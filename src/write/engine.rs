@@ -8,14 +8,26 @@
 //!
 //! Two ways to write them ([`Io`]):
 //! - durable output (the default, fsynced before the rename) goes around the page cache
-//!   (`O_DIRECT`): the file is streamed through three aligned 4 MiB blocks, one filled (`pread` of
-//!   long runs, gathers, casts, zeros) while two writer threads write the others, so the disk
-//!   always has a write queued. The bytes have to reach the disk anyway; going through the cache
-//!   first costs a copy into fresh cache pages, which on a VM whose free memory is handed back to
-//!   the host (balloon free page reporting) also costs a host fault per page: measured 2x slower
-//!   for casts (docs/performance.md);
+//!   (`O_DIRECT`): the file is streamed through four aligned 2 MiB blocks, one filled (long runs,
+//!   gathers and casts straight into the block, zeros) while two writer threads write the others,
+//!   so the disk always has a write queued. The bytes have to reach the disk anyway; going through
+//!   the cache first costs a copy into fresh cache pages, which on a VM whose free memory is
+//!   handed back to the host (balloon free page reporting) also costs a host fault per page:
+//!   measured 2x slower for casts (docs/performance.md);
 //! - `--no-fsync` goes through the page cache: in-kernel `copy_file_range` for long runs, one
 //!   `pwrite` per gather, zeros left to the preallocated file.
+//!
+//! On the direct path, the sources are read one of two ways ([`ReadMode`], `read.rs`):
+//! - through the page cache (`pread` of long runs, the map for gathers), when the input is cached
+//!   or fits the memory easily: the kernel's read-ahead then serves every rank of a row-parallel
+//!   tensor from one read;
+//! - when the part of the input that is not cached is more than half the available memory
+//!   (`mincore` of the maps against `MemAvailable`: [`direct_pays`]), a read-ahead thread per file
+//!   ([`read_ahead`]) reads its long runs around the cache (`O_DIRECT`, 2 MiB at a time into two
+//!   aligned blocks, ranges found all cached by `mincore` excepted) while the stream's thread
+//!   copies the previous one into its block and the writers write, and it asks for the pages of
+//!   the gathers ahead (`posix_fadvise(WILLNEED)` of each source span), so a page fault of the map
+//!   waits for them instead of reading the 8 MiB around itself.
 //!
 //! The file's CRC-32 is computed as its bytes are written. One thread cuts and fills each file:
 //! ext4 serialises buffered writes to one inode, so threads sharing a file wait for each other,
@@ -350,7 +362,7 @@ enum Io {
     /// Through the page cache: in-kernel copies and `pwrite`s, writeback started per unit.
     Buffered,
     /// Around the page cache (`O_DIRECT`): the file is streamed, in offset order, through aligned
-    /// 4 MiB blocks written straight to the disk, two at a time.
+    /// 2 MiB blocks written straight to the disk, two at a time.
     Direct,
 }
 
@@ -816,6 +828,9 @@ struct Sources {
     mode: ReadMode,
     /// An `O_DIRECT` handle per source file, where the filesystem allows one.
     direct: Vec<Option<File>>,
+    /// Whether to read the sources into the page cache ahead of the writers ([`prefetch`]): the
+    /// automatic choice went through the cache, and part of the input is not there yet.
+    prefetch: bool,
 }
 
 impl Sources {
@@ -825,9 +840,18 @@ impl Sources {
     /// Without `RESHARD_READ`, the sources are read around the page cache only when the part of
     /// them that is not cached is more than half the memory available ([`direct_pays`]); then a
     /// range that is all cached is still read from the cache.
-    fn open(ckpt: &Checkpoint) -> Result<Self, WriteError> {
+    /// Through the page cache always when the output is not written directly (`direct_writes`).
+    fn open(ckpt: &Checkpoint, direct_writes: bool) -> Result<Self, WriteError> {
         let mut mode = ReadMode::from_env();
-        if mode == ReadMode::Auto && !direct_pays(ckpt) {
+        let mut prefetch = false;
+        if mode == ReadMode::Auto {
+            let uncached: u64 = (0..ckpt.meta.files.len()).map(|i| read::uncached_bytes(ckpt.file_bytes(i))).sum();
+            if !direct_writes || !direct_pays(uncached) {
+                mode = ReadMode::Cached;
+                prefetch = uncached > 0;
+            }
+        }
+        if !direct_writes {
             mode = ReadMode::Cached;
         }
         let mut direct = Vec::new();
@@ -845,19 +869,36 @@ impl Sources {
                 direct.push(d);
             }
         }
-        Ok(Sources { mode, direct })
+        Ok(Sources { mode, direct, prefetch })
     }
 }
 
-/// Whether reading around the page cache pays: when the bytes of the sources that are not in the
-/// cache (`mincore` of the maps) are more than half of `MemAvailable`. Measured (docs/performance.md,
+/// Reads every source file into the page cache, in order, 8 MiB at a time, until `stop`: the
+/// reads through the cache then find their pages there, read in large requests, instead of each
+/// waiting for its own read-ahead. Only for an input that fits the memory easily
+/// ([`direct_pays`]): measured on a cold Whisper-large-v3 (3.1 GB) at tp 4 (docs/performance.md,
+/// run 8).
+fn prefetch(ckpt: &Checkpoint, stop: &std::sync::atomic::AtomicBool) {
+    const STEP: u64 = 8 << 20;
+    for (i, f) in ckpt.meta.files.iter().enumerate() {
+        for off in (0..f.size).step_by(STEP as usize) {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            // Blocks while the disk's queue is full, so this runs at the disk's speed.
+            read::will_need(ckpt.file(i), off, STEP.min(f.size - off));
+        }
+    }
+}
+
+/// Whether reading around the page cache pays: when the `uncached` bytes of the sources (`mincore`
+/// of the maps) are more than half of `MemAvailable`. Measured (docs/performance.md,
 /// run 8): a cold 21.3 GB input at tp 4 converted in 33.6 s read directly against 39.5 s through
 /// the cache (16.7 s of system time, reclaiming and refilling cache pages), but a cold 1.6 GB one
 /// in 3.8-4.7 s against 2.0-3.4 s: while the input fits the memory, the kernel's read-ahead keeps
 /// more reads in flight than the stream's one, and every rank of a row-parallel tensor finds its
 /// rows in the cache.
-fn direct_pays(ckpt: &Checkpoint) -> bool {
-    let uncached: u64 = (0..ckpt.meta.files.len()).map(|i| read::uncached_bytes(ckpt.file_bytes(i))).sum();
+fn direct_pays(uncached: u64) -> bool {
     read::mem_available().is_some_and(|avail| uncached > avail / 2)
 }
 
@@ -875,8 +916,7 @@ pub fn write_files(
         cut(ckpt, f, super::header_bytes(&f.tensors).len() as u64, &mut |_| Ok(()))?;
     }
     let mode = choose_io(dir, fsync)?;
-    let src =
-        if mode == Io::Direct { Sources::open(ckpt)? } else { Sources { mode: ReadMode::Cached, direct: vec![] } };
+    let src = Sources::open(ckpt, mode == Io::Direct)?;
     // Largest files first, so the last one to start is a small one.
     let mut order: Vec<usize> = (0..plan.files.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.files[i].size));
@@ -891,11 +931,20 @@ pub fn write_files(
             .collect::<Result<Vec<(usize, String)>, WriteError>>()
     };
     let threads = rayon::current_num_threads().min(FILES_AT_ONCE);
-    let mut crcs = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
-        Ok(pool) => pool.install(write)?,
-        // No threads to be had: the current pool, with its own width.
-        Err(_) => write()?,
-    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let written = std::thread::scope(|sc| {
+        if src.prefetch {
+            sc.spawn(|| prefetch(ckpt, &stop));
+        }
+        let r = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+            Ok(pool) => pool.install(write),
+            // No threads to be had: the current pool, with its own width.
+            Err(_) => write(),
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
+    let mut crcs = written?;
     crcs.sort();
     Ok(plan
         .files

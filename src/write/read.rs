@@ -18,24 +18,25 @@ use std::os::unix::fs::FileExt;
 /// Alignment of direct reads and writes: offsets, lengths and buffer addresses.
 pub(crate) const ALIGN: usize = 4096;
 
-/// A block of memory aligned to [`ALIGN`] (allocated with room to spare), as direct I/O needs.
+/// A block of memory aligned to [`ALIGN`], as direct I/O needs: an anonymous map of its own,
+/// page-aligned, and returned to the system when dropped (not kept in the allocator's arena of a
+/// thread that has ended).
 pub(crate) struct Block {
-    mem: Vec<u8>,
-    skew: usize,
+    mem: memmap2::MmapMut,
     len: usize,
 }
 
 impl Block {
     /// A zeroed block of `len` bytes.
     pub(crate) fn new(len: usize) -> Self {
-        let mem = vec![0u8; len + ALIGN];
-        let skew = mem.as_ptr().align_offset(ALIGN);
-        Block { mem, skew, len }
+        // A map that cannot be had is out of memory, as a failed allocation would be.
+        let mem = memmap2::MmapMut::map_anon(len.max(1)).unwrap_or_else(|e| panic!("cannot map {len} bytes: {e}"));
+        Block { mem, len }
     }
 
-    /// The block's bytes (aligned to [`ALIGN`]).
+    /// The block's bytes (aligned to [`ALIGN`]: a map starts on a page).
     pub(crate) fn bytes(&mut self) -> &mut [u8] {
-        &mut self.mem[self.skew..self.skew + self.len]
+        &mut self.mem[..self.len]
     }
 
     /// The block's length in bytes.
@@ -45,7 +46,7 @@ impl Block {
 
     /// The block's bytes, read-only.
     pub(crate) fn as_slice(&self) -> &[u8] {
-        &self.mem[self.skew..self.skew + self.len]
+        &self.mem[..self.len]
     }
 }
 
