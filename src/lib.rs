@@ -255,7 +255,7 @@ pub fn execute(
     let report = match verify {
         Some((src, vopts)) => {
             write::crash_point_labelled("verifying");
-            let report = verify::verify(src, staged.path(), vopts)?;
+            let report = verify::verify_opened(&opened, &src.input, staged.path(), vopts)?;
             if !report.ok {
                 return Err(Error::VerifyFailed(Box::new(report)));
             }

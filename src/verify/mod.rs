@@ -236,7 +236,17 @@ fn is_hf_output(out: &Path, ranks: &RankFiles) -> bool {
 /// sharded directory, [`crate::Source::read`]). `out` is rank files (all of them, or those its
 /// manifest says it holds), or a Hugging Face checkpoint written by `reshard merge`.
 pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
-    let opened = src.read()?.open()?;
+    verify_opened(&src.read()?.open()?, &src.input, out, opts)
+}
+
+/// [`verify`] of an input already read and opened (`convert --verify` verifies against the input
+/// it converted, without reading and checking it again); `input` names it in messages.
+pub fn verify_opened(
+    opened: &crate::Opened,
+    input: &Path,
+    out: &Path,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, Error> {
     let (ckpt, mapping) = (&opened.ckpt, &opened.mapping);
     let resolved = match &opened.backward {
         Some(b) => b.resolved.clone(),
@@ -313,7 +323,7 @@ pub fn verify(src: &crate::Source, out: &Path, opts: &VerifyOptions) -> Result<V
                             format!(
                                 "{} was made from a different source than {}: {what}",
                                 crate::text::qp(out),
-                                crate::text::qp(&src.input)
+                                crate::text::qp(input)
                             ),
                         );
                         let target = m.target.as_ref().map(|t| t.name.clone());
