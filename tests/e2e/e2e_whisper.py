@@ -14,7 +14,7 @@ computes from the Hugging Face checkpoint.
    must reject it.
 5. With `--refused T`: the tp-1 output made for another target T must be refused by this vLLM's
    loader (a missing or an unknown state_dict key), so the choice of target is what makes it load.
-6. vLLM's own shards (issue #16): this vLLM loads the HF checkpoint at tp 2 and writes its
+6. With `--own-shards`, vLLM's own shards (issue #16): this vLLM loads the HF checkpoint at tp 2 and writes its
    `save_sharded_state` (save_vllm.py); `reshard verify HF THAT` must accept vLLM's own layout,
    `reshard convert THAT --tp 1` must be byte-identical to `reshard convert HF --tp 1`, and
    `reshard merge THAT` must give back every tensor of the HF checkpoint bit for bit.
@@ -97,12 +97,44 @@ def first_difference(a, b):
     return None if len(a) == len(b) else f"{len(a)} != {len(b)} outputs"
 
 
+def own_shards(a, hf, work, target, check):
+    """Step 6: vLLM writes its own tp-2 sharded state; reshard verifies it, reshards it to tp 1 and
+    merges it back."""
+    saved = work / "vllm-saved-tp2"
+    cmd = [sys.executable, str(HERE / "save_vllm.py"), str(hf), "--tp", "2", "--out", str(saved)]
+    code = run_group(cmd, work / "save-tp2.log", env=vllm_env(2), timeout=900)
+    check(code == 0 and (saved / "model-rank-1-part-0.safetensors").exists(),
+          f"vLLM writes its sharded state at tp 2 (exit {code}): {sorted(p.name for p in saved.glob('*'))}")
+    r = subprocess.run([a.reshard, "verify", str(hf), str(saved), "--no-forward", *target], capture_output=True, text=True)
+    check(r.returncode == 0, "reshard verify accepts vLLM's own tp-2 shards as the layout of the checkpoint"
+                             + ("" if r.returncode == 0 else f": {(r.stdout + r.stderr)[-600:]}"))
+    back = work / "vllm-saved-to-tp1"
+    r = subprocess.run([a.reshard, "convert", str(saved), "--tp", "1", "--out", str(back), "--quiet", *target],
+                       capture_output=True, text=True)
+    same = r.returncode == 0 and all(
+        (back / f.name).read_bytes() == f.read_bytes() for f in (work / "tp1").glob("model-rank-*.safetensors"))
+    check(same, "reshard convert of vLLM's tp-2 shards to tp 1 is byte-identical to converting the checkpoint"
+                + ("" if r.returncode == 0 else f": {r.stderr[-600:]}"))
+    merged = work / "vllm-saved-merged"
+    r = subprocess.run([a.reshard, "merge", str(saved), "--out", str(merged), "--quiet"], capture_output=True, text=True)
+    ok = r.returncode == 0
+    if ok:
+        from safetensors.torch import load_file
+        want, got = load_file(hf / "model.safetensors"), load_file(merged / "model.safetensors")
+        ok = set(want) == set(got) and all(
+            want[k].dtype == got[k].dtype and want[k].shape == got[k].shape and want[k].view(-1).view(torch_uint8()).equal(
+                got[k].view(-1).view(torch_uint8())) for k in want)
+    check(ok, "reshard merge of vLLM's tp-2 shards gives back every tensor of the checkpoint bit for bit"
+              + ("" if r.returncode == 0 else f": {r.stderr[-600:]}"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reshard", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--target", help="reshard --target (default: reshard's default)")
     ap.add_argument("--refused", help="a target whose output this vLLM must refuse to load")
+    ap.add_argument("--own-shards", action="store_true", help="also read back vLLM's own save_sharded_state")
     a = ap.parse_args()
     target = ["--target", a.target] if a.target else []
     work = Path(a.work)
@@ -152,32 +184,8 @@ def main():
                                        + (why[-1] if why else f"exit {code}, no key error in {log}"))
 
     # 6. vLLM's own sharded state, read back by reshard.
-    saved = work / "vllm-saved-tp2"
-    cmd = [sys.executable, str(HERE / "save_vllm.py"), str(hf), "--tp", "2", "--out", str(saved)]
-    code = run_group(cmd, work / "save-tp2.log", env=vllm_env(2), timeout=900)
-    check(code == 0 and (saved / "model-rank-1-part-0.safetensors").exists(),
-          f"vLLM writes its sharded state at tp 2 (exit {code}): {sorted(p.name for p in saved.glob('*'))}")
-    r = subprocess.run([a.reshard, "verify", str(hf), str(saved), "--no-forward", *target], capture_output=True, text=True)
-    check(r.returncode == 0, "reshard verify accepts vLLM's own tp-2 shards as the layout of the checkpoint"
-                             + ("" if r.returncode == 0 else f": {(r.stdout + r.stderr)[-600:]}"))
-    back = work / "vllm-saved-to-tp1"
-    r = subprocess.run([a.reshard, "convert", str(saved), "--tp", "1", "--out", str(back), "--quiet", *target],
-                       capture_output=True, text=True)
-    same = r.returncode == 0 and all(
-        (back / f.name).read_bytes() == f.read_bytes() for f in (work / "tp1").glob("model-rank-*.safetensors"))
-    check(same, "reshard convert of vLLM's tp-2 shards to tp 1 is byte-identical to converting the checkpoint"
-                + ("" if r.returncode == 0 else f": {r.stderr[-600:]}"))
-    merged = work / "vllm-saved-merged"
-    r = subprocess.run([a.reshard, "merge", str(saved), "--out", str(merged), "--quiet"], capture_output=True, text=True)
-    ok = r.returncode == 0
-    if ok:
-        from safetensors.torch import load_file
-        want, got = load_file(hf / "model.safetensors"), load_file(merged / "model.safetensors")
-        ok = set(want) == set(got) and all(
-            want[k].dtype == got[k].dtype and want[k].shape == got[k].shape and want[k].view(-1).view(torch_uint8()).equal(
-                got[k].view(-1).view(torch_uint8())) for k in want)
-    check(ok, "reshard merge of vLLM's tp-2 shards gives back every tensor of the checkpoint bit for bit"
-              + ("" if r.returncode == 0 else f": {r.stderr[-600:]}"))
+    if a.own_shards:
+        own_shards(a, hf, work, target, check)
 
     print(f"{len(passed)} passed, {len(failures)} failed")
     sys.exit(1 if failures else 0)
