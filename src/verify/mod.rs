@@ -8,6 +8,7 @@
 //! every source element are checked too, and every finding is reported, not only the first.
 //! [`forward`] adds the numeric cross-attention check.
 
+mod compare;
 pub mod forward;
 
 use crate::checkpoint::{self, fingerprint, Checkpoint, CheckpointMeta, SourceFile, TensorInfo};
@@ -421,12 +422,32 @@ pub fn verify_opened(
     };
     findings.extend(check_coverage(opened.logical(), whole.as_ref().unwrap_or(&logical_plan)));
     let empty = Vec::new();
+    let (reads, prefetch) = source_reads(ckpt);
+    let reads = &reads;
     opts.progress.start("verifying", plan.output_bytes(), crate::progress::Unit::Bytes);
     let checked: Vec<usize> = (0..tp).filter(|r| plan.writes_rank(*r)).collect();
-    let per_rank: Vec<RankResult> = checked
-        .par_iter()
-        .map(|&r| check_rank(ckpt, &plan, out, r, ranks.get(&r).unwrap_or(&empty), &opts.progress))
-        .collect();
+    // At most FILES_AT_ONCE output files are read at once (ranks, and a rank's files, in
+    // parallel), so memory is bounded whatever the number of cores.
+    let per_rank = || -> Vec<RankResult> {
+        checked
+            .par_iter()
+            .with_max_len(1)
+            .map(|&r| check_rank(ckpt, reads, &plan, out, r, ranks.get(&r).unwrap_or(&empty), &opts.progress))
+            .collect()
+    };
+    let threads = rayon::current_num_threads().min(crate::write::FILES_AT_ONCE);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let per_rank = std::thread::scope(|sc| {
+        if prefetch {
+            sc.spawn(|| crate::write::prefetch(ckpt, &stop));
+        }
+        let r = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+            Ok(pool) => pool.install(per_rank),
+            Err(_) => per_rank(),
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    });
     let (mut files, mut tensors, mut bytes) = (0, 0, 0);
     let mut shards = Vec::with_capacity(tp);
     let mut sums = BTreeMap::new();
@@ -587,6 +608,29 @@ fn open_meta(dir: &Path, names: &[String]) -> Result<CheckpointMeta, (String, St
     })
 }
 
+/// How the source is read, by the rule the writer follows (`crate::write::direct_pays`): its long
+/// runs around the page cache when the part of it that is not cached is more than half the
+/// memory available, through the cache otherwise, with the uncached part read into the cache
+/// ahead of the comparison (the second value). `RESHARD_READ=direct|cached` forces either way.
+fn source_reads(ckpt: &Checkpoint) -> (compare::Reads, bool) {
+    use crate::write::read::{self, ReadMode};
+    let uncached = || (0..ckpt.meta.files.len()).map(|i| read::uncached_bytes(ckpt.file_bytes(i))).sum::<u64>();
+    let handles = || (0..ckpt.meta.files.len()).map(|i| read::open_direct(ckpt.file(i))).collect();
+    let cached = |prefetch| (compare::Reads { src_direct: vec![], force: false }, prefetch);
+    match ReadMode::from_env() {
+        ReadMode::Cached => cached(false),
+        ReadMode::Direct => (compare::Reads { src_direct: handles(), force: true }, false),
+        ReadMode::Auto => {
+            let u = uncached();
+            if crate::write::direct_pays(u) {
+                (compare::Reads { src_direct: handles(), force: false }, false)
+            } else {
+                cached(u > 0)
+            }
+        }
+    }
+}
+
 struct RankResult {
     files: usize,
     tensors: usize,
@@ -600,6 +644,7 @@ struct RankResult {
 
 fn check_rank(
     ckpt: &Checkpoint,
+    reads: &compare::Reads,
     plan: &ShardPlan,
     out: &Path,
     rank: usize,
@@ -624,10 +669,12 @@ fn check_rank(
         }
     };
     let planned: Vec<&OutTensor> = plan.files.iter().filter(|f| f.rank == rank).flat_map(|f| &f.tensors).collect();
-    let mut sums: Vec<FileSum> = (0..shard.meta.files.len()).map(|i| FileSum::new(shard.file_bytes(i))).collect();
-    for t in &planned {
+    // Per planned tensor, in plan order: its finding, if any. Per file: the tensors to compare.
+    let mut found: Vec<Option<Finding>> = (0..planned.len()).map(|_| None).collect();
+    let mut by_file: Vec<Vec<(usize, &TensorInfo)>> = vec![Vec::new(); shard.meta.files.len()];
+    for (k, t) in planned.iter().enumerate() {
         let Some(info) = shard.meta.tensors.get(&t.name) else {
-            rr.findings.push(finding(
+            found[k] = Some(finding(
                 FindingKind::Missing,
                 Some(rank),
                 Some(&t.name),
@@ -636,7 +683,7 @@ fn check_rank(
             continue;
         };
         if info.dtype != t.dtype || info.shape != t.shape {
-            rr.findings.push(finding(
+            found[k] = Some(finding(
                 FindingKind::Shape,
                 Some(rank),
                 Some(&t.name),
@@ -652,19 +699,46 @@ fn check_rank(
         }
         rr.tensors += 1;
         rr.bytes += t.nbytes;
-        let got = shard.bytes(info);
-        if let Some(f) = compare_tensor(ckpt, t, got) {
-            rr.findings.push(Finding { rank: Some(rank), file: Some(shard.meta.files[info.file].name.clone()), ..f });
+        by_file[info.file].push((k, info));
+    }
+    // Each file read once, in order; a tensor that differs is then described from its mapped
+    // bytes (the first differing element, with both values).
+    let done = |n: u64| progress.inc(n);
+    for list in &mut by_file {
+        list.sort_by_key(|(_, info)| info.start);
+    }
+    let compared: Vec<compare::Compared> = (0..by_file.len())
+        .into_par_iter()
+        .with_max_len(1)
+        .map(|i| {
+            let tensors: Vec<(&OutTensor, &TensorInfo)> =
+                by_file[i].iter().map(|&(k, info)| (planned[k], info)).collect();
+            compare::compare_file(ckpt, reads, &shard, i, &tensors, &done)
+        })
+        .collect();
+    for (i, (c, list)) in compared.into_iter().zip(&by_file).enumerate() {
+        let file = &shard.meta.files[i].name;
+        for j in c.failed {
+            let (k, info) = list[j];
+            let t = planned[k];
+            let f = compare_tensor(ckpt, t, shard.bytes(info)).unwrap_or_else(|| {
+                // The bytes read differ, the mapped ones do not: the file changed under verify.
+                finding(FindingKind::Mismatch, None, Some(&t.name), "changed while it was being compared".into())
+            });
+            found[k] = Some(Finding { rank: Some(rank), file: Some(file.clone()), ..f });
         }
-        sums[info.file].advance(shard.file_bytes(info.file), shard.file(info.file), info.end as usize);
-        progress.inc(t.nbytes);
+        match c.sum {
+            Ok(sum) => rr.sums.push((file.clone(), sum)),
+            Err(e) => rr.findings.push(Finding {
+                file: Some(file.clone()),
+                ..finding(FindingKind::BadFile, Some(rank), None, format!("{}: cannot be read: {e}", q(file)))
+            }),
+        }
     }
-    for (i, sum) in sums.into_iter().enumerate() {
-        let (bytes, file) = (shard.file_bytes(i), shard.file(i));
-        rr.sums.push((shard.meta.files[i].name.clone(), sum.finish(bytes, file)));
-    }
+    rr.findings.splice(0..0, found.into_iter().flatten());
+    let names: std::collections::BTreeSet<&str> = planned.iter().map(|t| t.name.as_str()).collect();
     for name in shard.meta.tensors.keys() {
-        if !planned.iter().any(|t| &t.name == name) {
+        if !names.contains(name.as_str()) {
             rr.findings.push(finding(
                 FindingKind::Extra,
                 Some(rank),
@@ -675,57 +749,6 @@ fn check_rank(
     }
     rr.shard = Some(shard);
     rr
-}
-
-/// Bytes of an output file dropped from the page cache at a time ([`FileSum`]).
-const DROP_STEP: usize = 64 << 20;
-
-/// The CRC-32 of an output file, computed as its tensors are compared, from the same mapped bytes
-/// just after them: the file is read once, not a second time for the manifest check (on an output
-/// larger than the page cache, that second pass read it from the disk again).
-struct FileSum {
-    crc: crc32fast::Hasher,
-    /// Bytes summed so far, from the start of the file.
-    at: usize,
-    /// Whether the file was not in the page cache when verify opened it: then the pages behind
-    /// the cursor are dropped from the cache as it moves on (clean pages, dropped at once), so
-    /// that an output larger than the memory does not push the source's pages out, nor make the
-    /// kernel reclaim pages for every new one.
-    drop_behind: bool,
-    /// Bytes dropped from the cache so far.
-    dropped: usize,
-}
-
-impl FileSum {
-    fn new(bytes: &[u8]) -> Self {
-        let drop_behind = crate::write::read::uncached_bytes(bytes) > bytes.len() as u64 / 2;
-        FileSum { crc: crc32fast::Hasher::new(), at: 0, drop_behind, dropped: 0 }
-    }
-
-    /// Sums the file's bytes up to `to` (nothing if they are summed already).
-    fn advance(&mut self, bytes: &[u8], file: &std::fs::File, to: usize) {
-        let to = to.min(bytes.len());
-        if to > self.at {
-            self.crc.update(&bytes[self.at..to]);
-            self.at = to;
-        }
-        if self.drop_behind {
-            let to = self.at;
-            let upto = to - to % crate::write::read::ALIGN;
-            // In steps of at least DROP_STEP (or at the end): each call may wait for every CPU
-            // to drain its page lists (`lru_add_drain_all`), too slow to make per tensor.
-            if upto >= self.dropped + DROP_STEP || (to == bytes.len() && upto > self.dropped) {
-                crate::write::read::drop_cached(file, self.dropped as u64, (upto - self.dropped) as u64);
-                self.dropped = upto;
-            }
-        }
-    }
-
-    /// The size and CRC-32 of the whole file.
-    fn finish(mut self, bytes: &[u8], file: &std::fs::File) -> (u64, u32) {
-        self.advance(bytes, file, bytes.len());
-        (bytes.len() as u64, self.crc.finalize())
-    }
 }
 
 /// Compares one output tensor with its pieces; the first difference, if any.

@@ -354,7 +354,7 @@ const WRITERS: usize = 2;
 /// At most this many files are written at once, whatever the number of cores: each holds up to
 /// 12 MiB of buffers (4 write blocks and 2 read blocks of 2 MiB), so that the process stays
 /// under 32 MiB of anonymous memory, and the disk gains nothing from more streams.
-const FILES_AT_ONCE: usize = 2;
+pub(crate) const FILES_AT_ONCE: usize = 2;
 
 /// How output files are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -878,7 +878,7 @@ impl Sources {
 /// waiting for its own read-ahead. Only for an input that fits the memory easily
 /// ([`direct_pays`]): measured on a cold Whisper-large-v3 (3.1 GB) at tp 4 (docs/performance.md,
 /// run 8).
-fn prefetch(ckpt: &Checkpoint, stop: &std::sync::atomic::AtomicBool) {
+pub(crate) fn prefetch(ckpt: &Checkpoint, stop: &std::sync::atomic::AtomicBool) {
     const STEP: u64 = 8 << 20;
     for (i, f) in ckpt.meta.files.iter().enumerate() {
         for off in (0..f.size).step_by(STEP as usize) {
@@ -898,7 +898,7 @@ fn prefetch(ckpt: &Checkpoint, stop: &std::sync::atomic::AtomicBool) {
 /// in 3.8-4.7 s against 2.0-3.4 s: while the input fits the memory, the kernel's read-ahead keeps
 /// more reads in flight than the stream's one, and every rank of a row-parallel tensor finds its
 /// rows in the cache.
-fn direct_pays(uncached: u64) -> bool {
+pub(crate) fn direct_pays(uncached: u64) -> bool {
     read::mem_available().is_some_and(|avail| uncached > avail / 2)
 }
 

@@ -185,21 +185,6 @@ pub(crate) fn will_need(f: &File, off: u64, len: u64) {
     let _ = (f, off, len);
 }
 
-/// Drops the clean cached pages of `len` bytes at `off` of `f` (`posix_fadvise(DONTNEED)`): for
-/// a reader that is done with them, on a file larger than the memory.
-pub(crate) fn drop_cached(f: &File, off: u64, len: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a hint on an open descriptor; no memory is shared with the kernel.
-        unsafe {
-            libc::posix_fadvise(f.as_raw_fd(), off as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED)
-        };
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (f, off, len);
-}
-
 /// Reads `len` bytes at `off` of the `O_DIRECT` handle `direct` into `block`, which must hold
 /// `len + 2 * ALIGN` bytes: the aligned range around them is read. Returns where in the block the
 /// bytes start. A short read that leaves the grid (the end of the file) is completed with `plain`

@@ -1,0 +1,421 @@
+//! The byte comparison of one output file, read once, in order, around the page cache.
+//!
+//! An output file is read from its first byte to its last in windows of [`WINDOW`] bytes, by a
+//! reader thread of its own, into [`WINDOWS`] reused aligned blocks: with `O_DIRECT` where the
+//! window is not in the page cache (an output just written by `convert` never is), by `pread`
+//! where it is. Each window's bytes feed the file's CRC-32 and are compared with what the plan
+//! puts there, tensor by tensor: the source bytes of each piece (through the source's map, cast
+//! when the plan casts), zeros, constants. So the output is read once, at the disk's speed,
+//! without a fresh page-cache page per 4 KiB (on this VM, the first touch of a page the host has
+//! taken back is slow: docs/performance.md, run 8), and memory is the blocks, whatever the size.
+//!
+//! The expected bytes are derived here from the plan's pieces ([`split::piece_runs`]), not by the
+//! writer's units and streams, so a fault of the writer is not repeated by its check. A tensor
+//! whose bytes differ is handed back by index: the caller describes the first difference from the
+//! whole tensor ([`super::compare_tensor`]), as before.
+
+use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::dtype::{self, Dtype};
+use crate::plan::{split, OutTensor, Piece};
+use crate::write::read::{self, Block, ALIGN};
+use std::os::unix::fs::FileExt;
+
+/// Bytes of output read and compared at a time.
+pub(crate) const WINDOW: usize = 2 << 20;
+/// Blocks per file (and as many for source bytes read around the cache): one compared while the
+/// reader reads the other.
+pub(crate) const WINDOWS: usize = 2;
+/// Elements cast at a time for a comparison (a scratch buffer of at most 128 KiB).
+const CAST_STEP: usize = 1 << 14;
+
+/// What is expected in a range of an output tensor.
+enum Want {
+    /// Source bytes at an offset of a source file, of dtype `from` (cast to the tensor's dtype
+    /// when it is another).
+    Source {
+        file: usize,
+        off: usize,
+        from: Dtype,
+    },
+    Zeros,
+    /// One element's bytes, repeated.
+    Fill(Vec<u8>),
+}
+
+/// A range `[start, start + len)` of an output tensor's bytes and what it must hold.
+struct Segment {
+    start: usize,
+    len: usize,
+    want: Want,
+}
+
+/// The segments of `t`, in order, tiling its bytes; `None` when the plan names a source the
+/// checkpoint lacks, or does not tile the tensor (compared then from the whole tensor, which
+/// says what is wrong).
+fn segments(ckpt: &Checkpoint, t: &OutTensor) -> Option<Vec<Segment>> {
+    let elem = t.dtype.size();
+    let row_bytes = t.shape.get(1..).map(|s| s.iter().product::<usize>()).unwrap_or(1) * elem;
+    let mut out = Vec::new();
+    let mut at = 0;
+    for piece in &t.pieces {
+        match piece {
+            Piece::Copy { rows, .. } | Piece::Concat { rows, .. } => {
+                let info = |s: &str| ckpt.meta.tensors.get(s);
+                if at != rows[0] * row_bytes {
+                    return None;
+                }
+                for (source, off, src_len) in split::piece_runs(piece, &|s| info(s).map(|i| i.dtype.size()))? {
+                    let i = info(source)?;
+                    let len = src_len / i.dtype.size() * elem;
+                    let off = i.start as usize + off;
+                    out.push(Segment { start: at, len, want: Want::Source { file: i.file, off, from: i.dtype } });
+                    at += len;
+                }
+            }
+            Piece::Zeros { rows, .. } | Piece::Constant { rows, .. } => {
+                if at != rows[0] * row_bytes {
+                    return None;
+                }
+                let len = (rows[1] - rows[0]) * row_bytes;
+                let want = match piece {
+                    Piece::Constant { value, .. } => Want::Fill(dtype::encode_value(t.dtype, value.0).ok()?),
+                    _ => Want::Zeros,
+                };
+                out.push(Segment { start: at, len, want });
+                at += len;
+            }
+        }
+    }
+    (at as u64 == t.nbytes).then_some(out)
+}
+
+/// Whether `have`, the bytes `[a, a + have.len())` of segment `s` of an output tensor of dtype
+/// `to`, are what the segment wants. `pre` is source bytes already read (file, offset, bytes),
+/// used where they cover the range; the source's map otherwise. `scratch` holds casts.
+fn segment_holds(
+    ckpt: &Checkpoint,
+    pre: Option<(usize, usize, &[u8])>,
+    s: &Segment,
+    to: Dtype,
+    a: usize,
+    have: &[u8],
+    scratch: &mut Vec<u8>,
+) -> bool {
+    match &s.want {
+        Want::Zeros => have.iter().fold(0u8, |acc, &b| acc | b) == 0,
+        Want::Fill(elem) => have.iter().enumerate().all(|(i, &b)| b == elem[(a + i) % elem.len()]),
+        Want::Source { file, off, from } if *from == to => {
+            let (lo, hi) = (off + a, off + a + have.len());
+            let want = match pre {
+                Some((f, o, bytes)) if f == *file && o <= lo && hi <= o + bytes.len() => bytes.get(lo - o..hi - o),
+                _ => ckpt.file_bytes(*file).get(lo..hi),
+            };
+            want == Some(have)
+        }
+        Want::Source { file, off, from } => {
+            // The elements that cover `[a, a + len)`, cast a step at a time.
+            let (se, te) = (from.size(), to.size());
+            let (first, last) = (a / te, (a + have.len()).div_ceil(te));
+            let src = ckpt.file_bytes(*file);
+            let mut e = first;
+            while e < last {
+                let n = CAST_STEP.min(last - e);
+                let Some(bytes) = src.get(off + e * se..off + (e + n) * se) else { return false };
+                scratch.clear();
+                if !dtype::cast_into(*from, bytes, to, scratch) {
+                    return false;
+                }
+                // Output bytes [e * te, (e + n) * te) of the segment, against `have`'s part of it.
+                let (lo, hi) = ((e * te).max(a), ((e + n) * te).min(a + have.len()));
+                if scratch[lo - e * te..hi - e * te] != have[lo - a..hi - a] {
+                    return false;
+                }
+                e += n;
+            }
+            true
+        }
+    }
+}
+
+/// The tensor being compared as windows pass: its segments and how far they are done.
+struct Current {
+    segments: Vec<Segment>,
+    /// First segment not yet wholly compared.
+    next: usize,
+    failed: bool,
+}
+
+/// The result of [`compare_file`].
+pub(crate) struct Compared {
+    /// The file's size and CRC-32, or why it could not be read to its end.
+    pub sum: Result<(u64, u32), std::io::Error>,
+    /// Indices (into the list given) of the tensors whose bytes are not what the plan puts there.
+    pub failed: Vec<usize>,
+}
+
+/// Reads output file `i` of `out` once, in order, and compares the tensors of `tensors` (the
+/// planned tensor and where the file holds it; sorted by offset, not overlapping) with the plan.
+/// When [`Reads`] has `O_DIRECT` handles for the source, a window that lies in one uncast run of
+/// a source file that is not cached is read from it into a block of its own, next to the window. `done(bytes)` is told
+/// of each tensor compared.
+pub(crate) fn compare_file(
+    src: &Checkpoint,
+    reads: &Reads,
+    out: &Checkpoint,
+    i: usize,
+    tensors: &[(&OutTensor, &TensorInfo)],
+    done: &(dyn Fn(u64) + Sync),
+) -> Compared {
+    compare_in_windows(src, reads, out, i, tensors, WINDOW, done)
+}
+
+/// How [`compare_file`] reads.
+pub(crate) struct Reads {
+    /// An `O_DIRECT` handle per source file, where the source is read around the page cache
+    /// (empty: through its map).
+    pub src_direct: Vec<Option<std::fs::File>>,
+    /// Read around the page cache even what `mincore` finds cached (`RESHARD_READ=direct`).
+    pub force: bool,
+}
+
+/// Source bytes read ahead for a window: the block, where in it they start, and the source file
+/// and offset they are from.
+struct Ahead {
+    block: Block,
+    at: usize,
+    file: usize,
+    off: usize,
+}
+
+/// A window of the output file as the reader hands it over: its block, where in it the bytes
+/// start, their length, the window's offset in the file, and the source bytes read for it.
+type Window = (Block, usize, usize, usize, Option<Ahead>);
+
+/// Where the source bytes of a window are, when one uncast source run holds them all: the
+/// reader's cursor over the file's tensors.
+struct Locator<'a> {
+    src: &'a Checkpoint,
+    tensors: &'a [(&'a OutTensor, &'a TensorInfo)],
+    next: usize,
+    segments: Option<(usize, Vec<Segment>)>,
+}
+
+impl Locator<'_> {
+    /// The source file and offset of bytes `[pos, end)` of the output file, if one uncast
+    /// source run holds them all.
+    fn source_of(&mut self, pos: usize, end: usize) -> Option<(usize, usize)> {
+        while self.tensors.get(self.next).is_some_and(|(_, i)| (i.end as usize) <= pos) {
+            self.next += 1;
+        }
+        let (t, info) = self.tensors.get(self.next)?;
+        let (ts, te) = (info.start as usize, info.end as usize);
+        if ts > pos || te < end {
+            return None;
+        }
+        if self.segments.as_ref().is_none_or(|(k, _)| *k != self.next) {
+            self.segments = Some((self.next, segments(self.src, t)?));
+        }
+        let segs = &self.segments.as_ref()?.1;
+        let (a, b) = (pos - ts, end - ts);
+        let s = segs.get(segs.partition_point(|s| s.start + s.len <= a))?;
+        match s.want {
+            Want::Source { file, off, from } if from == t.dtype && s.start <= a && b <= s.start + s.len => {
+                Some((file, off + a - s.start))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// [`compare_file`] in windows of `window` bytes (any size: tests cut tensors, segments and
+/// elements everywhere).
+fn compare_in_windows(
+    src: &Checkpoint,
+    reads: &Reads,
+    out: &Checkpoint,
+    i: usize,
+    tensors: &[(&OutTensor, &TensorInfo)],
+    window: usize,
+    done: &(dyn Fn(u64) + Sync),
+) -> Compared {
+    use std::sync::mpsc::sync_channel;
+    let (file, map) = (out.file(i), out.file_bytes(i));
+    let size = map.len();
+    let direct = read::open_direct(file);
+    let mut failed = Vec::new();
+    let mut crc = crc32fast::Hasher::new();
+    let mut scratch = Vec::new();
+    let read = std::thread::scope(|sc| {
+        let (full_tx, full) = sync_channel::<std::io::Result<Window>>(WINDOWS - 2);
+        let (free, free_rx) = sync_channel::<Block>(WINDOWS);
+        let (free_src, free_src_rx) = sync_channel::<Block>(WINDOWS);
+        let (direct, src_direct, force) = (direct.as_ref(), &reads.src_direct, reads.force);
+        sc.spawn(move || {
+            let (mut made, mut made_src) = (0, 0);
+            let mut locator = Locator { src, tensors, next: 0, segments: None };
+            let block_of = |made: &mut usize, free: &std::sync::mpsc::Receiver<Block>| {
+                if *made < WINDOWS {
+                    *made += 1;
+                    Some(Block::new(window + 2 * ALIGN))
+                } else {
+                    free.recv().ok()
+                }
+            };
+            for pos in (0..size).step_by(window) {
+                let len = window.min(size - pos);
+                let Some(mut block) = block_of(&mut made, &free_rx) else { return };
+                let mut r = match direct.filter(|_| force || !read::resident(map, pos, len)) {
+                    Some(d) => read::read_direct(d, file, pos as u64, len, &mut block),
+                    None => file.read_exact_at(&mut block.bytes()[..len], pos as u64).map(|()| 0),
+                }
+                .map(|at| (block, at, len, pos, None));
+                let ahead = if src_direct.is_empty() { None } else { locator.source_of(pos, pos + len) };
+                if let (Ok(w), Some((f, off))) = (&mut r, ahead) {
+                    let handle = src_direct.get(f).and_then(Option::as_ref);
+                    if let Some(d) = handle.filter(|_| force || !read::resident(src.file_bytes(f), off, len)) {
+                        let Some(mut b) = block_of(&mut made_src, &free_src_rx) else { return };
+                        match read::read_direct(d, src.file(f), off as u64, len, &mut b) {
+                            Ok(at) => w.4 = Some(Ahead { block: b, at, file: f, off }),
+                            Err(e) => r = Err(e),
+                        }
+                    }
+                }
+                let stop = r.is_err();
+                if full_tx.send(r).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        let mut next = 0; // the first tensor not wholly compared
+        let mut cur: Option<Current> = None;
+        for msg in full {
+            let (block, at, len, pos, ahead) = msg?;
+            let window = &block.as_slice()[at..at + len];
+            let pre = ahead.as_ref().map(|a| (a.file, a.off, &a.block.as_slice()[a.at..a.at + len]));
+            crc.update(window);
+            let end = pos + len;
+            while let Some((t, info)) = tensors.get(next) {
+                let (ts, te) = (info.start as usize, info.end as usize);
+                if ts >= end && te > ts {
+                    break;
+                }
+                let mut c = match cur.take() {
+                    Some(c) => c,
+                    None => match segments(src, t) {
+                        // A tensor that starts before this window was compared in the earlier
+                        // ones (the tensors are sorted and do not overlap: the header parser
+                        // refuses overlaps); one that does not is compared from the whole.
+                        Some(segments) if ts >= pos || te == ts => Current { segments, next: 0, failed: false },
+                        _ => Current { segments: vec![], next: 0, failed: true },
+                    },
+                };
+                // The tensor's bytes in this window, relative to the tensor.
+                let (a, b) = (pos.max(ts) - ts, end.min(te).max(ts) - ts);
+                while !c.failed && c.next < c.segments.len() {
+                    let s = &c.segments[c.next];
+                    let (sa, sb) = (a.max(s.start), b.min(s.start + s.len));
+                    if sa < sb {
+                        let have = &window[ts + sa - pos..ts + sb - pos];
+                        if !segment_holds(src, pre, s, t.dtype, sa - s.start, have, &mut scratch) {
+                            c.failed = true;
+                        }
+                    }
+                    if s.start + s.len > b {
+                        break; // the segment goes on in the next window
+                    }
+                    c.next += 1;
+                }
+                if te > end {
+                    cur = Some(c);
+                    break;
+                }
+                if c.failed {
+                    failed.push(next);
+                }
+                done(t.nbytes);
+                next += 1;
+            }
+            // The reader is gone only when it stopped on an error, sent already.
+            let _ = free.send(block);
+            if let Some(a) = ahead {
+                let _ = free_src.send(a.block);
+            }
+        }
+        Ok::<usize, std::io::Error>(next)
+    });
+    let sum = match read {
+        Ok(next) => {
+            // Tensors the file ended before (the header was checked against the file's size,
+            // so only a file that changed meanwhile) are not what the plan puts there.
+            failed.extend(next..tensors.len());
+            Ok((size as u64, crc.finalize()))
+        }
+        Err(e) => Err(e),
+    };
+    Compared { sum, failed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::PlanOptions;
+
+    /// Every fixture shape the comparison meets: plain copies, row-parallel slices, casts (f32 to
+    /// bf16, with windows that cut elements), zeros (vocabulary padding, Whisper's synthesized k
+    /// bias), kv-head replicas. Each file is proven equal, with the CRC-32 of its bytes, in windows
+    /// of any size; and a byte changed in the middle or at the end of any one tensor is found in
+    /// that tensor and no other.
+    #[test]
+    fn windows_of_any_size_compare_every_byte_and_find_each_change() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cases = [
+            ("bart-tiny", 2, None),
+            ("bart-tiny", 4, Some(Dtype::BF16)),
+            ("whisper-tiny", 2, None),
+            ("mllama-gqa", 4, None),
+        ];
+        for (fixture, tp, dtype) in cases {
+            let tmp = tempfile::tempdir_in(root).unwrap();
+            let src = crate::Source::new(root.join("fixtures").join(fixture));
+            let out = tmp.path().join("out");
+            let opts = crate::write::WriteOptions { out: out.clone(), force: false, progress: &|_| {}, fsync: false };
+            let (plan, _) = crate::convert(&src, &PlanOptions { dtype, ..PlanOptions::new(tp) }, &opts).unwrap();
+            let opened = src.read().unwrap().open().unwrap();
+            let bad = tmp.path().join("bad");
+            std::fs::create_dir(&bad).unwrap();
+            for f in plan.files.iter().filter(|f| f.rank == tp - 1) {
+                let names = [f.name.clone()];
+                let whole = std::fs::read(out.join(&f.name)).unwrap();
+                let shard = Checkpoint::open(crate::verify::open_meta(&out, &names).unwrap()).unwrap();
+                let mut tensors: Vec<(&OutTensor, &TensorInfo)> =
+                    f.tensors.iter().map(|t| (t, &shard.meta.tensors[&t.name])).collect();
+                tensors.sort_by_key(|(_, i)| i.start);
+                // Through the page cache, and around it (where the filesystem allows O_DIRECT),
+                // the source's runs too.
+                let handles = (0..opened.ckpt.meta.files.len()).map(|i| read::open_direct(opened.ckpt.file(i)));
+                let around = Reads { src_direct: handles.collect(), force: true };
+                let cached = Reads { src_direct: vec![], force: false };
+                for (reads, window) in
+                    [&cached, &around].into_iter().flat_map(|r| [999, ALIGN, 3 * ALIGN + 2, 1 << 20].map(|w| (r, w)))
+                {
+                    let c = compare_in_windows(&opened.ckpt, reads, &shard, 0, &tensors, window, &|_| {});
+                    assert_eq!(c.failed, Vec::<usize>::new(), "{fixture} tp {tp} {} window {window}", f.name);
+                    assert_eq!(c.sum.unwrap(), (whole.len() as u64, crc32fast::hash(&whole)));
+                }
+                for (j, (t, info)) in tensors.iter().enumerate().filter(|(_, (_, i))| i.end > i.start) {
+                    for at in [(info.start + info.end) / 2, info.end - 1] {
+                        let mut changed = whole.clone();
+                        changed[at as usize] ^= 0x40;
+                        std::fs::write(bad.join(&f.name), &changed).unwrap();
+                        let shard = Checkpoint::open(crate::verify::open_meta(&bad, &names).unwrap()).unwrap();
+                        for (reads, window) in [(&cached, 999), (&around, 3 * ALIGN)] {
+                            let c = compare_in_windows(&opened.ckpt, reads, &shard, 0, &tensors, window, &|_| {});
+                            assert_eq!(c.failed, vec![j], "{fixture} {}: byte {at} of {}", f.name, t.name);
+                            assert_ne!(c.sum.unwrap().1, crc32fast::hash(&whole));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
