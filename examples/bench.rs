@@ -36,7 +36,8 @@
 //! files one after the other, `dd oflag=direct bs=4M conv=fsync` of as many bytes as
 //! `reshard --tp 4` writes (from /dev/zero), and both at once; `--verify` times `reshard verify`
 //! of each `--tp 4` output right after its conversion (and after a drop of the cache with
-//! `--cold`), then `dd iflag=direct` of the files verify reads (the source's and the output's);
+//! `--cold`), then `dd iflag=direct` of the files verify reads (the source's and the output's),
+//! and adds a `convert --tp 4 --verify` row (its verify phase is that row less `--tp 4`);
 //! `--tps` limits the tp list; `--baseline BIN` adds `BIN convert --tp 4` (another build, for
 //! A/B); `--lean` leaves out the cast, `--no-fsync` and buffered rows.
 
@@ -299,6 +300,10 @@ fn main() {
         }
         if let Some(b) = &baseline {
             rs.push((format!("BASELINE={b} --tp 4"), vec![], 0));
+        }
+        if verify {
+            // Its verify phase is this row less the `--tp 4` row.
+            rs.push(("--tp 4 --verify".into(), vec![], 0));
         }
         // fp32 -> bf16/f16 halves the bytes written; fp16 -> bf16 keeps them, so it shows the cost
         // of the conversion itself.
