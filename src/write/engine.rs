@@ -8,7 +8,7 @@
 //!
 //! Two ways to write them ([`Io`]):
 //! - durable output (the default, fsynced before the rename) goes around the page cache
-//!   (`O_DIRECT`): the file is streamed through four aligned 2 MiB blocks, one filled (long runs,
+//!   (`O_DIRECT`): the file is streamed through three aligned 2 MiB blocks, one filled (long runs,
 //!   gathers and casts straight into the block, zeros) while two writer threads write the others,
 //!   so the disk always has a write queued. The bytes have to reach the disk anyway; going through
 //!   the cache first costs a copy into fresh cache pages, which on a VM whose free memory is
@@ -345,15 +345,22 @@ fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
 /// as 4 MiB ones (cached input, 3 alternating runs each: 1.03-1.13 s and 1.05-1.10 s against
 /// 1.08-1.23 s; docs/performance.md, run 8) in half the memory.
 const DIRECT_BUF: usize = 2 << 20;
-/// Blocks per direct stream: one being filled, two being written, one full and queued.
-const BLOCKS: usize = 4;
+/// Blocks per direct stream: one being filled while the two others are written. A fourth one,
+/// full and queued for the writers, was no faster: cached BART-large at tp 4 wrote in 1.03-1.13 s
+/// with three blocks of 2 MiB and 1.05-1.10 s with four (3 alternating runs each,
+/// docs/performance.md, run 8), and it cost 2 MiB per file: with four, the full 11B-Vision shape
+/// peaked at 29.2 MiB of anonymous memory at tp 4 and 30.0 MiB at tp 8 (2 files of 4 write blocks
+/// and 2 read blocks: 24 MiB, plus 2.7-3.9 MiB of heap, mostly the plan, and the threads'
+/// arenas), too close to the 32 MiB bound of [`FILES_AT_ONCE`].
+const BLOCKS: usize = 3;
 /// Writes in flight per direct stream: one write at a time leaves the disk idle between writes
 /// (docs/performance.md: `dd oflag=direct` of 1.6 GB takes 1.16 s as one stream, 0.82-0.92 s as
 /// two).
 const WRITERS: usize = 2;
 /// At most this many files are written at once, whatever the number of cores: each holds up to
-/// 12 MiB of buffers (4 write blocks and 2 read blocks of 2 MiB), so that the process stays
-/// under 32 MiB of anonymous memory, and the disk gains nothing from more streams.
+/// 10 MiB of buffers ([`BLOCKS`] write blocks and [`READ_BLOCKS`] read blocks of 2 MiB), so that
+/// the process stays under 32 MiB of anonymous memory, and the disk gains nothing from more
+/// streams. `verify` reads at most as many files at once.
 pub(crate) const FILES_AT_ONCE: usize = 2;
 
 /// How output files are written.
@@ -975,6 +982,15 @@ mod tests {
             assert_eq!(std::fs::read(&path).unwrap(), data, "size {size}");
             assert_eq!(crc.finalize(), crc32fast::hash(&data), "size {size}");
         }
+    }
+
+    /// The blocks of the files in flight leave room under the 32 MiB bound of [`FILES_AT_ONCE`]
+    /// for the rest of the process: the heap (mostly the plan, 2.7-3.9 MiB for the full
+    /// 11B-Vision shape at tp 4-8), the threads' arenas (up to 2 MiB) and their stacks.
+    #[test]
+    fn blocks_in_flight_leave_room_under_32_mib() {
+        let per_file = BLOCKS * DIRECT_BUF + READ_BLOCKS * (READ_CHUNK + 2 * ALIGN);
+        assert!(FILES_AT_ONCE * per_file <= 24 << 20, "{} MiB of blocks", (FILES_AT_ONCE * per_file) >> 20);
     }
 
     #[test]
