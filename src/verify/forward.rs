@@ -224,6 +224,25 @@ fn vector(
     Ok(Some(v.into_iter().map(f64::from).collect()))
 }
 
+/// The dot product of `a` and `b` (as long as the shorter), summed in 8 independent lanes: one
+/// running sum is a chain of dependent additions the compiler may not reorder, and was half of a
+/// Whisper-large-v3 verify's time (docs/performance.md, run 9). The reference and the shards are
+/// summed the same way; the order changes a float64 sum in its last bits, far below the check's
+/// tolerances.
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [0.0f64; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            lanes[k] += x[k] * y[k];
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
 /// `x W^T + b` over W rows `rows`; the bias is indexed by absolute row. Parallel over rows.
 pub fn linear(x: &Act, w: &dyn RowSource, rows: std::ops::Range<usize>, b: Option<&[f64]>) -> Act {
     use rayon::prelude::*;
@@ -231,7 +250,7 @@ pub fn linear(x: &Act, w: &dyn RowSource, rows: std::ops::Range<usize>, b: Optio
         .into_par_iter()
         .map(|o| {
             let wr = w.row(o);
-            x.iter().map(|xt| xt.iter().zip(&wr).map(|(a, b)| a * b).sum::<f64>() + b.map_or(0.0, |b| b[o])).collect()
+            x.iter().map(|xt| dot(xt, &wr) + b.map_or(0.0, |b| b[o])).collect()
         })
         .collect();
     (0..x.len()).map(|t| cols.iter().map(|c| c[t]).collect()).collect()

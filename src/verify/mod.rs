@@ -437,19 +437,41 @@ pub fn verify_opened(
     };
     let threads = rayon::current_num_threads().min(crate::write::FILES_AT_ONCE);
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let per_rank = std::thread::scope(|sc| {
+    // The forward check is computed while the bytes are compared (the one is bound by the CPU,
+    // the other by the disk), from the output's ranks opened apart, and kept only if the byte
+    // comparison finds nothing: it needs every rank, and a rank that is wrong in its bytes is
+    // reported as such, not as a failed layer.
+    let forward_possible = mapping.file.cross_attention.is_some() && !hf && only.is_none();
+    let fwd_ranks = (opts.forward && forward_possible).then(|| open_ranks(out, tp, &ranks).ok()).flatten();
+    let fwd_input = match (&fwd_ranks, &opened.backward) {
+        (Some(_), Some(b)) => Some((open_output(&b.dir)?, &b.logical)),
+        _ => None,
+    };
+    let silent = VerifyOptions { progress: Default::default(), ..opts.clone() };
+    let (per_rank, computed) = std::thread::scope(|sc| {
         if prefetch {
             sc.spawn(|| crate::write::prefetch(ckpt, &stop));
         }
+        let forward = fwd_ranks.as_ref().map(|shards| {
+            let reference = match &fwd_input {
+                Some((ranks, logical)) => forward::Reference::Shards { ranks, logical },
+                None => forward::Reference::Source(ckpt),
+            };
+            let (dims, tolerance, silent) = (&resolved.dims, forward::tolerance_for(plan.dtype), &silent);
+            sc.spawn(move || forward::check_all(reference, mapping, dims, shards, silent, tolerance))
+        });
         let r = match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
             Ok(pool) => pool.install(per_rank),
             Err(_) => per_rank(),
         };
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        r
+        let computed = forward.map(|h| {
+            h.join().unwrap_or_else(|_| Err(VerifyError::Forward { msg: "the forward check panicked".into() }.into()))
+        });
+        (r, computed)
     });
     let (mut files, mut tensors, mut bytes) = (0, 0, 0);
-    let mut shards = Vec::with_capacity(tp);
+    let mut opened_ranks = 0;
     let mut sums = BTreeMap::new();
     for rr in per_rank {
         sums.extend(rr.sums);
@@ -457,33 +479,25 @@ pub fn verify_opened(
         tensors += rr.tensors;
         bytes += rr.bytes;
         findings.extend(rr.findings);
-        shards.extend(rr.shard);
+        opened_ranks += usize::from(rr.opened);
     }
     if let Some(m) = &manifest {
         findings.extend(check_manifest(m, out, tp, &ranks, mapping, &sums));
     }
     let mut layers = Vec::new();
-    let forward_possible = mapping.file.cross_attention.is_some() && !hf && only.is_none();
-    if opts.forward && forward_possible && findings.is_empty() && shards.len() == tp {
-        // Without findings every rank's files opened, so `shards` holds all tp ranks in order.
+    if let (Some(computed), true) = (computed, findings.is_empty() && opened_ranks == tp) {
+        // Without findings every rank's files opened, so the ranks hold all tp ranks in order.
         // A sharded source is the reference as its own ranks compute the layer.
-        let input = match &opened.backward {
-            Some(b) => Some((open_output(&b.dir)?, &b.logical)),
-            None => None,
-        };
-        let reference = match &input {
-            Some((ranks, logical)) => forward::Reference::Shards { ranks, logical },
-            None => forward::Reference::Source(ckpt),
-        };
-        if input.is_some() {
+        if fwd_input.is_some() {
             notes.push(
                 "the cross-attention forward reference was computed from the sharded source's own ranks (the \
                  unsplit weights are not at hand); every byte was compared with the source's"
                     .into(),
             );
         }
-        let tolerance = forward::tolerance_for(plan.dtype);
-        layers = forward::check_all(reference, mapping, &resolved.dims, &shards, opts, tolerance)?;
+        layers = computed?;
+        opts.progress.start("forward check", layers.len() as u64, crate::progress::Unit::Items);
+        opts.progress.inc(layers.len() as u64);
         for l in &layers {
             if let Some(msg) = l.problem() {
                 findings.push(finding(FindingKind::Forward, None, Some(&l.module), msg));
@@ -638,8 +652,8 @@ struct RankResult {
     findings: Vec<Finding>,
     /// Size and CRC-32 of each of the rank's files, by name (for the manifest check).
     sums: Vec<(String, (u64, u32))>,
-    /// The rank's files, opened (kept for the forward check).
-    shard: Option<Checkpoint>,
+    /// Whether the rank's files opened.
+    opened: bool,
 }
 
 fn check_rank(
@@ -652,7 +666,7 @@ fn check_rank(
     progress: &crate::progress::Progress,
 ) -> RankResult {
     let mut rr =
-        RankResult { files: parts.len(), tensors: 0, bytes: 0, findings: Vec::new(), sums: Vec::new(), shard: None };
+        RankResult { files: parts.len(), tensors: 0, bytes: 0, findings: Vec::new(), sums: Vec::new(), opened: false };
     let names: Vec<String> = parts.iter().map(|(_, n)| n.clone()).collect();
     if names.is_empty() {
         rr.findings.push(finding(FindingKind::Missing, Some(rank), None, "no files for this rank".into()));
@@ -747,7 +761,7 @@ fn check_rank(
             ));
         }
     }
-    rr.shard = Some(shard);
+    rr.opened = true;
     rr
 }
 
