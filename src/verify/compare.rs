@@ -360,6 +360,15 @@ mod tests {
     use super::*;
     use crate::plan::PlanOptions;
 
+    /// The blocks of the files verify reads at once (a window and the source bytes beside it,
+    /// [`WINDOWS`] each) leave room under the writer's 32 MiB bound for the rest: the heap (the
+    /// plan and the ranks' headers) and the forward check that runs beside them.
+    #[test]
+    fn blocks_in_flight_leave_room_under_32_mib() {
+        let per_file = 2 * WINDOWS * (WINDOW + 2 * ALIGN);
+        assert!(crate::write::FILES_AT_ONCE * per_file <= 17 << 20, "{} bytes of blocks", per_file);
+    }
+
     /// Every fixture shape the comparison meets: plain copies, row-parallel slices, casts (f32 to
     /// bf16, with windows that cut elements), zeros (vocabulary padding, Whisper's synthesized k
     /// bias), kv-head replicas. Each file is proven equal, with the CRC-32 of its bytes, in windows
