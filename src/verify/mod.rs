@@ -4,8 +4,9 @@
 //! every rank, every tensor the plan puts there is compared piece by piece with the source bytes
 //! (each output file read once, in order, in windows around the page cache: [`compare`]; memory
 //! does not grow with the model), zero pieces (vocabulary padding, synthesized biases) must be
-//! zero, and the rank may hold nothing else. The manifest's sizes and checksums, tied copies in the source, and the plan's coverage of
-//! every source element are checked too, and every finding is reported, not only the first.
+//! zero, and the rank may hold nothing else. The manifest's sizes and checksums, tied copies in
+//! the source, and the plan's coverage of every source element are checked too, and every
+//! finding is reported, not only the first.
 //! [`forward`] adds the numeric cross-attention check.
 
 mod compare;
@@ -736,8 +737,10 @@ fn check_rank(
             let (k, info) = list[j];
             let t = planned[k];
             let f = compare_tensor(ckpt, t, shard.bytes(info)).unwrap_or_else(|| {
-                // The bytes read differ, the mapped ones do not: the file changed under verify.
-                finding(FindingKind::Mismatch, None, Some(&t.name), "changed while it was being compared".into())
+                // The bytes read differ from the plan, the mapped ones do not.
+                let m = "the bytes read from the file differ from what the plan puts there, but its mapped bytes do \
+                         not: did the file change while it was compared?";
+                finding(FindingKind::Mismatch, None, Some(&t.name), m.into())
             });
             found[k] = Some(Finding { rank: Some(rank), file: Some(file.clone()), ..f });
         }
