@@ -2,7 +2,7 @@
 //!
 //! Entry point: [`verify`]. The plan is recomputed from the source and the mapping; then, for
 //! every rank, every tensor the plan puts there is compared piece by piece with the source bytes
-//! (each output file read once, in order, in windows around the page cache: [`compare`]; memory
+//! (each output file read once, in order, in windows around the page cache, `compare.rs`; memory
 //! does not grow with the model), zero pieces (vocabulary padding, synthesized biases) must be
 //! zero, and the rank may hold nothing else. The manifest's sizes and checksums, tied copies in
 //! the source, and the plan's coverage of every source element are checked too, and every
