@@ -423,7 +423,7 @@ pub fn verify_opened(
     };
     findings.extend(check_coverage(opened.logical(), whole.as_ref().unwrap_or(&logical_plan)));
     let empty = Vec::new();
-    let (reads, prefetch) = source_reads(ckpt);
+    let (reads, prefetch) = source_reads(ckpt)?;
     let reads = &reads;
     opts.progress.start("verifying", plan.output_bytes(), crate::progress::Unit::Bytes);
     let checked: Vec<usize> = (0..tp).filter(|r| plan.writes_rank(*r)).collect();
@@ -623,27 +623,14 @@ fn open_meta(dir: &Path, names: &[String]) -> Result<CheckpointMeta, (String, St
     })
 }
 
-/// How the source is read, by the rule the writer follows (`crate::write::direct_pays`): its long
-/// runs around the page cache when the part of it that is not cached is more than half the
-/// memory available, through the cache otherwise, with the uncached part read into the cache
-/// ahead of the comparison (the second value). `RESHARD_READ=direct|cached` forces either way.
-fn source_reads(ckpt: &Checkpoint) -> (compare::Reads, bool) {
-    use crate::write::read::{self, ReadMode};
-    let uncached = || (0..ckpt.meta.files.len()).map(|i| read::uncached_bytes(ckpt.file_bytes(i))).sum::<u64>();
-    let handles = || (0..ckpt.meta.files.len()).map(|i| read::open_direct(ckpt.file(i))).collect();
-    let cached = |prefetch| (compare::Reads { src_direct: vec![], force: false }, prefetch);
-    match ReadMode::from_env() {
-        ReadMode::Cached => cached(false),
-        ReadMode::Direct => (compare::Reads { src_direct: handles(), force: true }, false),
-        ReadMode::Auto => {
-            let u = uncached();
-            if crate::write::direct_pays(u) {
-                (compare::Reads { src_direct: handles(), force: false }, false)
-            } else {
-                cached(u > 0)
-            }
-        }
-    }
+/// How the source is read: as the writer reads it ([`crate::write::Sources`]), its long runs
+/// around the page cache when the part of it that is not cached is more than half the memory
+/// available, through the cache otherwise, with the uncached part read into the cache ahead of
+/// the comparison (the second value). `RESHARD_READ=direct|cached` forces either way.
+fn source_reads(ckpt: &Checkpoint) -> Result<(compare::Reads, bool), Error> {
+    use crate::write::read::ReadMode;
+    let s = crate::write::Sources::open(ckpt, true)?;
+    Ok((compare::Reads { src_direct: s.direct, force: s.mode == ReadMode::Direct }, s.prefetch))
 }
 
 struct RankResult {

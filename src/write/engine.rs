@@ -831,13 +831,13 @@ fn write_file_direct(
 }
 
 /// How the sources are read on the direct write path.
-struct Sources {
-    mode: ReadMode,
+pub(crate) struct Sources {
+    pub(crate) mode: ReadMode,
     /// An `O_DIRECT` handle per source file, where the filesystem allows one.
-    direct: Vec<Option<File>>,
+    pub(crate) direct: Vec<Option<File>>,
     /// Whether to read the sources into the page cache ahead of the writers ([`prefetch`]): the
     /// automatic choice went through the cache, and part of the input is not there yet.
-    prefetch: bool,
+    pub(crate) prefetch: bool,
 }
 
 impl Sources {
@@ -848,7 +848,7 @@ impl Sources {
     /// them that is not cached is more than half the memory available ([`direct_pays`]); then a
     /// range that is all cached is still read from the cache.
     /// Through the page cache always when the output is not written directly (`direct_writes`).
-    fn open(ckpt: &Checkpoint, direct_writes: bool) -> Result<Self, WriteError> {
+    pub(crate) fn open(ckpt: &Checkpoint, direct_writes: bool) -> Result<Self, WriteError> {
         let mut mode = ReadMode::from_env();
         let mut prefetch = false;
         if mode == ReadMode::Auto {
@@ -905,7 +905,7 @@ pub(crate) fn prefetch(ckpt: &Checkpoint, stop: &std::sync::atomic::AtomicBool) 
 /// in 3.8-4.7 s against 2.0-3.4 s: while the input fits the memory, the kernel's read-ahead keeps
 /// more reads in flight than the stream's one, and every rank of a row-parallel tensor finds its
 /// rows in the cache.
-pub(crate) fn direct_pays(uncached: u64) -> bool {
+fn direct_pays(uncached: u64) -> bool {
     read::mem_available().is_some_and(|avail| uncached > avail / 2)
 }
 

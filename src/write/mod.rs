@@ -8,7 +8,7 @@
 //! `publish.rs`; what a run owns and its cleanup on errors and signals: [`interrupt`].
 
 mod engine;
-pub(crate) use engine::{direct_pays, prefetch, FILES_AT_ONCE};
+pub(crate) use engine::{prefetch, Sources, FILES_AT_ONCE};
 pub mod interrupt;
 pub mod manifest;
 mod publish;
