@@ -91,10 +91,10 @@ fn segments(ckpt: &Checkpoint, t: &OutTensor) -> Option<Vec<Segment>> {
 
 /// Whether `have`, the bytes `[a, a + have.len())` of segment `s` of an output tensor of dtype
 /// `to`, are what the segment wants. `pre` is source bytes already read (file, offset, bytes),
-/// used where they cover the range; the source's map otherwise. `scratch` holds casts.
+/// used where one of them covers the range; the source's map otherwise. `scratch` holds casts.
 fn segment_holds(
     ckpt: &Checkpoint,
-    pre: Option<(usize, usize, &[u8])>,
+    pre: &[(usize, usize, &[u8])],
     s: &Segment,
     to: Dtype,
     a: usize,
@@ -106,9 +106,9 @@ fn segment_holds(
         Want::Fill(elem) => have.iter().enumerate().all(|(i, &b)| b == elem[(a + i) % elem.len()]),
         Want::Source { file, off, from } if *from == to => {
             let (lo, hi) = (off + a, off + a + have.len());
-            let want = match pre {
-                Some((f, o, bytes)) if f == *file && o <= lo && hi <= o + bytes.len() => bytes.get(lo - o..hi - o),
-                _ => ckpt.file_bytes(*file).get(lo..hi),
+            let want = match pre.iter().find(|(f, o, bytes)| f == file && *o <= lo && hi <= o + bytes.len()) {
+                Some((_, o, bytes)) => bytes.get(lo - o..hi - o),
+                None => ckpt.file_bytes(*file).get(lo..hi),
             };
             want == Some(have)
         }
@@ -174,55 +174,100 @@ pub(crate) struct Reads {
     /// An `O_DIRECT` handle per source file, where the source is read around the page cache
     /// (empty: through its map).
     pub src_direct: Vec<Option<std::fs::File>>,
+    /// What of each source file was in the page cache when it was opened (empty with `force`):
+    /// that is read through the map.
+    pub src_cached: Vec<read::Residency>,
     /// Read around the page cache even what `mincore` finds cached (`RESHARD_READ=direct`).
     pub force: bool,
 }
 
-/// Source bytes read ahead for a window: the block, where in it they start, and the source file
-/// and offset they are from.
+impl Reads {
+    /// The handle to read `[off, off + len)` of source file `file` around the page cache with;
+    /// `None` when it is read through the map.
+    fn src_handle(&self, file: usize, off: usize, len: usize) -> Option<&std::fs::File> {
+        let d = self.src_direct.get(file)?.as_ref()?;
+        (self.force || !self.src_cached.get(file).is_some_and(|r| r.cached(off, len))).then_some(d)
+    }
+}
+
+/// Source runs of a window shorter than this (the rows of a row-parallel slice, which the other
+/// ranks then find in the page cache; small tensors) are compared through the source's map; the
+/// longer ones are read around the cache when the source is.
+const MIN_RUN: usize = 64 << 10;
+/// At most this many source runs of one window are read around the cache (the rest through the
+/// map): each read may take up to `2 * ALIGN` bytes more than its run, so a block of
+/// `window + RUNS * 2 * ALIGN` bytes holds them all.
+const RUNS: usize = 16;
+/// Source bytes read through the map at most this far apart are asked for as one span (the rows
+/// of a row-parallel slice, whose gaps are the other ranks' columns).
+const NEAR: usize = 1 << 20;
+
+/// Source bytes read around the page cache for a window: the block, and the runs in it, each
+/// (source file, source offset, where in the block, length).
 struct Ahead {
     block: Block,
-    at: usize,
-    file: usize,
-    off: usize,
+    runs: Vec<(usize, usize, usize, usize)>,
 }
 
 /// A window of the output file as the reader hands it over: its block, where in it the bytes
 /// start, their length, the window's offset in the file, and the source bytes read for it.
 type Window = (Block, usize, usize, usize, Option<Ahead>);
 
-/// Where the source bytes of a window are, when one uncast source run holds them all: the
-/// reader's cursor over the file's tensors.
+/// The source runs of the windows of one output file: the reader's cursor over its tensors.
 struct Locator<'a> {
     src: &'a Checkpoint,
     tensors: &'a [(&'a OutTensor, &'a TensorInfo)],
     next: usize,
+    /// The segments of the tensor last looked at, by index.
     segments: Option<(usize, Vec<Segment>)>,
+    min_run: usize,
 }
 
 impl Locator<'_> {
-    /// The source file and offset of bytes `[pos, end)` of the output file, if one uncast
-    /// source run holds them all.
-    fn source_of(&mut self, pos: usize, end: usize) -> Option<(usize, usize)> {
+    /// Into `out`, in order, the uncast source runs of at least `min_run` bytes (at most [`RUNS`])
+    /// that bytes `[pos, end)` of the output file hold: (source file, source offset, length).
+    /// Into `rest`, the spans (source file, first byte, end) of the other source bytes they hold,
+    /// read through the map: runs of one file at most [`NEAR`] apart make one span.
+    fn runs(
+        &mut self,
+        pos: usize,
+        end: usize,
+        out: &mut Vec<(usize, usize, usize)>,
+        rest: &mut Vec<(usize, usize, usize)>,
+    ) {
+        out.clear();
+        rest.clear();
         while self.tensors.get(self.next).is_some_and(|(_, i)| (i.end as usize) <= pos) {
             self.next += 1;
         }
-        let (t, info) = self.tensors.get(self.next)?;
-        let (ts, te) = (info.start as usize, info.end as usize);
-        if ts > pos || te < end {
-            return None;
-        }
-        if self.segments.as_ref().is_none_or(|(k, _)| *k != self.next) {
-            self.segments = Some((self.next, segments(self.src, t)?));
-        }
-        let segs = &self.segments.as_ref()?.1;
-        let (a, b) = (pos - ts, end - ts);
-        let s = segs.get(segs.partition_point(|s| s.start + s.len <= a))?;
-        match s.want {
-            Want::Source { file, off, from } if from == t.dtype && s.start <= a && b <= s.start + s.len => {
-                Some((file, off + a - s.start))
+        for (k, (t, info)) in self.tensors.iter().enumerate().skip(self.next) {
+            let (ts, te) = (info.start as usize, info.end as usize);
+            if ts >= end {
+                break;
             }
-            _ => None,
+            if self.segments.as_ref().is_none_or(|(j, _)| *j != k) {
+                self.segments = segments(self.src, t).map(|s| (k, s));
+            }
+            let Some((_, segs)) = &self.segments else { continue };
+            let (a, b) = (pos.max(ts) - ts, end.min(te) - ts);
+            for s in &segs[segs.partition_point(|s| s.start + s.len <= a)..] {
+                if s.start >= b {
+                    break;
+                }
+                let (sa, sb) = (a.max(s.start), b.min(s.start + s.len));
+                let Want::Source { file, off, from } = s.want else { continue };
+                if from == t.dtype && sb - sa >= self.min_run && out.len() < RUNS {
+                    out.push((file, off + sa - s.start, sb - sa));
+                    continue;
+                }
+                // The source bytes of output bytes [sa, sb) of the segment (cast or not).
+                let (se, te) = (from.size(), t.dtype.size());
+                let (lo, hi) = (off + (sa - s.start) / te * se, off + (sb - s.start).div_ceil(te) * se);
+                match rest.last_mut() {
+                    Some((f, l, h)) if *f == file && lo >= *l && lo <= *h + NEAR => *h = (*h).max(hi),
+                    _ => rest.push((file, lo, hi)),
+                }
+            }
         }
     }
 }
@@ -249,14 +294,19 @@ fn compare_in_windows(
         let (full_tx, full) = sync_channel::<std::io::Result<Window>>(WINDOWS - 2);
         let (free, free_rx) = sync_channel::<Block>(WINDOWS);
         let (free_src, free_src_rx) = sync_channel::<Block>(WINDOWS);
-        let (direct, src_direct, force) = (direct.as_ref(), &reads.src_direct, reads.force);
+        let (direct, force) = (direct.as_ref(), reads.force);
         sc.spawn(move || {
             let (mut made, mut made_src) = (0, 0);
-            let mut locator = Locator { src, tensors, next: 0, segments: None };
+            let min_run = MIN_RUN.min(window / 8).max(1);
+            let mut locator = Locator { src, tensors, next: 0, segments: None, min_run };
+            let (mut runs, mut rest) = (Vec::new(), Vec::new());
+            // What was cached before this file is read: asked per window, the kernel's read-ahead
+            // after one window read through the cache would make every later one look cached.
+            let out_cached = (!force).then(|| read::Residency::of(map));
             let block_of = |made: &mut usize, free: &std::sync::mpsc::Receiver<Block>| {
                 if *made < WINDOWS {
                     *made += 1;
-                    Some(Block::new(window + 2 * ALIGN))
+                    Some(Block::new(window + RUNS * 2 * ALIGN))
                 } else {
                     free.recv().ok()
                 }
@@ -264,20 +314,42 @@ fn compare_in_windows(
             for pos in (0..size).step_by(window) {
                 let len = window.min(size - pos);
                 let Some(mut block) = block_of(&mut made, &free_rx) else { return };
-                let mut r = match direct.filter(|_| force || !read::resident(map, pos, len)) {
-                    Some(d) => read::read_direct(d, file, pos as u64, len, &mut block),
+                let was_cached = out_cached.as_ref().is_some_and(|c| c.cached(pos, len));
+                let mut r = match direct.filter(|_| !was_cached) {
+                    Some(d) => read::read_direct(d, file, pos as u64, len, block.bytes()),
                     None => file.read_exact_at(&mut block.bytes()[..len], pos as u64).map(|()| 0),
                 }
                 .map(|at| (block, at, len, pos, None));
-                let ahead = if src_direct.is_empty() { None } else { locator.source_of(pos, pos + len) };
-                if let (Ok(w), Some((f, off))) = (&mut r, ahead) {
-                    let handle = src_direct.get(f).and_then(Option::as_ref);
-                    if let Some(d) = handle.filter(|_| force || !read::resident(src.file_bytes(f), off, len)) {
-                        let Some(mut b) = block_of(&mut made_src, &free_src_rx) else { return };
-                        match read::read_direct(d, src.file(f), off as u64, len, &mut b) {
-                            Ok(at) => w.4 = Some(Ahead { block: b, at, file: f, off }),
-                            Err(e) => r = Err(e),
+                if !reads.src_direct.is_empty() {
+                    locator.runs(pos, pos + len, &mut runs, &mut rest);
+                    runs.retain(|&(f, off, l)| reads.src_handle(f, off, l).is_some());
+                    // The pages the map is read for are asked for now, in the spans they make: a
+                    // page fault of the map would otherwise read the 8 MiB around it, most of it
+                    // long runs read around the cache (measured on the full 11B-Vision shape,
+                    // cold: 45.8 GB read for 43.1; docs/performance.md, run 10).
+                    for &(f, lo, hi) in &rest {
+                        read::will_need(src.file(f), lo as u64, (hi - lo) as u64);
+                    }
+                }
+                if r.is_ok() && !runs.is_empty() {
+                    let Some(mut b) = block_of(&mut made_src, &free_src_rx) else { return };
+                    let mut got = Vec::with_capacity(runs.len());
+                    let mut at = 0;
+                    for &(f, off, l) in &runs {
+                        let Some(d) = reads.src_handle(f, off, l) else { continue };
+                        match read::read_direct(d, src.file(f), off as u64, l, &mut b.bytes()[at..]) {
+                            Ok(skip) => {
+                                got.push((f, off, at + skip, l));
+                                at = (at + skip + l).next_multiple_of(ALIGN);
+                            }
+                            Err(e) => {
+                                r = Err(e);
+                                break;
+                            }
                         }
+                    }
+                    if let Ok(w) = &mut r {
+                        w.4 = Some(Ahead { block: b, runs: got });
                     }
                 }
                 let stop = r.is_err();
@@ -291,7 +363,9 @@ fn compare_in_windows(
         for msg in full {
             let (block, at, len, pos, ahead) = msg?;
             let window = &block.as_slice()[at..at + len];
-            let pre = ahead.as_ref().map(|a| (a.file, a.off, &a.block.as_slice()[a.at..a.at + len]));
+            let pre: Vec<(usize, usize, &[u8])> = ahead.as_ref().map_or_else(Vec::new, |a| {
+                a.runs.iter().map(|&(f, off, at, l)| (f, off, &a.block.as_slice()[at..at + l])).collect()
+            });
             crc.update(window);
             let end = pos + len;
             while let Some((t, info)) = tensors.get(next) {
@@ -316,7 +390,7 @@ fn compare_in_windows(
                     let (sa, sb) = (a.max(s.start), b.min(s.start + s.len));
                     if sa < sb {
                         let have = &window[ts + sa - pos..ts + sb - pos];
-                        if !segment_holds(src, pre, s, t.dtype, sa - s.start, have, &mut scratch) {
+                        if !segment_holds(src, &pre, s, t.dtype, sa - s.start, have, &mut scratch) {
                             c.failed = true;
                         }
                     }
@@ -402,8 +476,8 @@ mod tests {
                 // Through the page cache, and around it (where the filesystem allows O_DIRECT),
                 // the source's runs too.
                 let handles = (0..opened.ckpt.meta.files.len()).map(|i| read::open_direct(opened.ckpt.file(i)));
-                let around = Reads { src_direct: handles.collect(), force: true };
-                let cached = Reads { src_direct: vec![], force: false };
+                let around = Reads { src_direct: handles.collect(), src_cached: vec![], force: true };
+                let cached = Reads { src_direct: vec![], src_cached: vec![], force: false };
                 for (reads, window) in
                     [&cached, &around].into_iter().flat_map(|r| [999, ALIGN, 3 * ALIGN + 2, 1 << 20].map(|w| (r, w)))
                 {

@@ -179,6 +179,19 @@ fn get<'a>(c: &'a Checkpoint, mapping: Option<&Mapping>, name: &str) -> Option<(
     Some((c.bytes(t), t.dtype, &t.shape))
 }
 
+/// Asks the kernel for the pages of the tensors `names` (canonical names with `mapping`) of `c`,
+/// all at once and without waiting, instead of a page fault of a cold map waiting for its own
+/// read, one fault after another. The forward check of the full 11B-Vision shape, cold, beside
+/// the byte comparison, took 1.9 s without and 1.4-1.6 s with (2 runs each).
+fn ask_for(c: &Checkpoint, mapping: Option<&Mapping>, names: &[&String]) {
+    for (n, t) in &c.meta.tensors {
+        let canonical = mapping.map_or(std::borrow::Cow::Borrowed(n.as_str()), |m| m.canonical(n));
+        if names.iter().any(|x| x.as_str() == canonical) {
+            crate::write::read::will_need(c.file(t.file), t.start, t.end - t.start);
+        }
+    }
+}
+
 fn mat<'a>(c: &'a Checkpoint, mapping: Option<&Mapping>, name: &str) -> Result<Mat<'a>, Error> {
     let (bytes, dtype, shape) =
         get(c, mapping, name).ok_or_else(|| forward_err(format!("tensor {} not found", q(name))))?;
@@ -673,6 +686,11 @@ pub fn check_all(
                 .and_then(|t| t.shape.get(1).copied())
                 .ok_or_else(|| forward_err(format!("tensor {} not found", q(&k))))?,
         };
+        match &reference {
+            Reference::Source(src) => ask_for(src, Some(mapping), &src_names),
+            Reference::Shards { ranks: input, .. } => input.iter().for_each(|c| ask_for(c, None, &shard_names)),
+        }
+        ranks.iter().for_each(|c| ask_for(c, None, &shard_names));
         let x = random_act(opts.tokens, s.hidden, opts.seed ^ (layer as u64) << 32);
         let e = random_act(opts.source_tokens, enc_dim, opts.seed ^ (layer as u64) << 32 ^ 1);
         let expected = match &reference {

@@ -630,7 +630,7 @@ fn open_meta(dir: &Path, names: &[String]) -> Result<CheckpointMeta, (String, St
 fn source_reads(ckpt: &Checkpoint) -> Result<(compare::Reads, bool), Error> {
     use crate::write::read::ReadMode;
     let s = crate::write::Sources::open(ckpt, true)?;
-    Ok((compare::Reads { src_direct: s.direct, force: s.mode == ReadMode::Direct }, s.prefetch))
+    Ok((compare::Reads { src_direct: s.direct, src_cached: s.cached, force: s.mode == ReadMode::Direct }, s.prefetch))
 }
 
 struct RankResult {

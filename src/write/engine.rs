@@ -24,7 +24,8 @@
 //! - when the part of the input that is not cached is more than half the available memory
 //!   (`mincore` of the maps against `MemAvailable`: [`direct_pays`]), a read-ahead thread per file
 //!   ([`read_ahead`]) reads its long runs around the cache (`O_DIRECT`, 2 MiB at a time into two
-//!   aligned blocks, ranges found all cached by `mincore` excepted) while the stream's thread
+//!   aligned blocks, ranges that `mincore` found all cached before anything was read excepted:
+//!   [`read::Residency`]) while the stream's thread
 //!   copies the previous one into its block and the writers write, and it asks for the pages of
 //!   the gathers ahead (`posix_fadvise(WILLNEED)` of each source span), so a page fault of the map
 //!   waits for them instead of reading the 8 MiB around itself.
@@ -604,6 +605,10 @@ fn exec_direct(
     }
 }
 
+/// Runs of a gather at most this far apart are asked of the page cache as one span (the rows of
+/// a row-parallel slice, whose gaps are the other ranks' columns).
+const NEAR: u64 = 1 << 20;
+
 /// Bytes of source read ahead at a time.
 const READ_CHUNK: usize = 2 << 20;
 /// Read blocks per file: one being copied into the stream, the other being read.
@@ -635,8 +640,7 @@ fn read_ahead(
     ckpt: &Checkpoint,
     f: &FilePlan,
     header_len: u64,
-    direct: &[Option<File>],
-    mode: ReadMode,
+    sources: &Sources,
     chunks: std::sync::mpsc::SyncSender<Result<Ahead, WriteError>>,
     free: std::sync::mpsc::Receiver<Block>,
 ) {
@@ -646,13 +650,17 @@ fn read_ahead(
         let (src, src_off) = match u.kind {
             Kind::Copy { src, src_off } => (src, src_off),
             Kind::Gather { runs, .. } => {
-                // One read-ahead per source file's span of the runs: a row-parallel slice spans
-                // whole rows, which the other ranks read from the cache after this one.
+                // One read-ahead per span of nearby runs: a row-parallel slice spans whole rows,
+                // which the other ranks read from the cache after this one. Runs far apart (the
+                // small tensors a gather also holds) are asked for apart: one span from the first
+                // to the last would read all the long runs between them too, which are read around
+                // the cache (measured on the full 11B-Vision shape, cold, tp 4: 31.7 GB read for
+                // 21.3; docs/performance.md, run 10).
                 let mut span: Option<(usize, u64, u64)> = None;
                 for (file, off, len) in runs {
                     let end = off + len as u64;
                     span = match span {
-                        Some((f, lo, hi)) if f == file => Some((f, lo.min(off), hi.max(end))),
+                        Some((f, lo, hi)) if f == file && off >= lo && off <= hi + NEAR => Some((f, lo, hi.max(end))),
                         prev => {
                             if let Some((f, lo, hi)) = prev {
                                 read::will_need(ckpt.file(f), lo, hi - lo);
@@ -670,9 +678,8 @@ fn read_ahead(
         };
         for k in (0..u.len).step_by(READ_CHUNK) {
             let (off, len) = (src_off + k, READ_CHUNK.min((u.len - k) as usize));
-            let handle = direct.get(src).and_then(Option::as_ref);
-            let handle =
-                handle.filter(|_| mode == ReadMode::Direct || !read::resident(ckpt.file_bytes(src), off as usize, len));
+            let handle = sources.direct.get(src).and_then(Option::as_ref);
+            let handle = handle.filter(|_| !sources.was_cached(src, off, len));
             let chunk = match handle {
                 None => None,
                 Some(d) => {
@@ -682,7 +689,7 @@ fn read_ahead(
                     } else {
                         free.recv().map_err(|_| gone())?
                     };
-                    let at = read::read_direct(d, ckpt.file(src), off, len, &mut block)
+                    let at = read::read_direct(d, ckpt.file(src), off, len, block.bytes())
                         .map_err(io(&ckpt.meta.files[src].path))?;
                     Some((block, at))
                 }
@@ -811,7 +818,7 @@ fn write_file_direct(
         let reader = (src.mode != ReadMode::Cached).then(|| {
             let (chunks_tx, chunks) = sync_channel(2 * READ_BLOCKS);
             let (free, free_rx) = sync_channel(READ_BLOCKS);
-            sc.spawn(move || read_ahead(ckpt, f, header_len, &src.direct, src.mode, chunks_tx, free_rx));
+            sc.spawn(move || read_ahead(ckpt, f, header_len, src, chunks_tx, free_rx));
             Reader { chunks, free }
         });
         // The reader ends when `reader` is dropped, at the end of this closure, if not before.
@@ -835,6 +842,9 @@ pub(crate) struct Sources {
     pub(crate) mode: ReadMode,
     /// An `O_DIRECT` handle per source file, where the filesystem allows one.
     pub(crate) direct: Vec<Option<File>>,
+    /// What of each source file was in the page cache before anything was read
+    /// ([`read::Residency`]); empty when the sources are read through the cache.
+    pub(crate) cached: Vec<read::Residency>,
     /// Whether to read the sources into the page cache ahead of the writers ([`prefetch`]): the
     /// automatic choice went through the cache, and part of the input is not there yet.
     pub(crate) prefetch: bool,
@@ -851,12 +861,18 @@ impl Sources {
     pub(crate) fn open(ckpt: &Checkpoint, direct_writes: bool) -> Result<Self, WriteError> {
         let mut mode = ReadMode::from_env();
         let mut prefetch = false;
+        let mut cached = Vec::new();
         if mode == ReadMode::Auto {
-            let uncached: u64 = (0..ckpt.meta.files.len()).map(|i| read::uncached_bytes(ckpt.file_bytes(i))).sum();
+            cached = (0..ckpt.meta.files.len()).map(|i| read::Residency::of(ckpt.file_bytes(i))).collect();
+            let uncached: u64 = cached.iter().map(read::Residency::uncached).sum();
             if !direct_writes || !direct_pays(uncached) {
                 mode = ReadMode::Cached;
                 prefetch = uncached > 0;
             }
+        }
+        if mode != ReadMode::Auto {
+            // Forced either way, or read through the cache: nobody asks.
+            cached.clear();
         }
         if !direct_writes {
             mode = ReadMode::Cached;
@@ -876,7 +892,17 @@ impl Sources {
                 direct.push(d);
             }
         }
-        Ok(Sources { mode, direct, prefetch })
+        Ok(Sources { mode, direct, cached, prefetch })
+    }
+
+    /// Whether `[off, off + len)` of source file `file` is read through the page cache: it was
+    /// all there when the sources were opened, and the mode is not forced to `O_DIRECT`.
+    pub(crate) fn was_cached(&self, file: usize, off: u64, len: usize) -> bool {
+        match self.mode {
+            ReadMode::Cached => true,
+            ReadMode::Direct => false,
+            ReadMode::Auto => self.cached.get(file).is_some_and(|r| r.cached(off as usize, len)),
+        }
     }
 }
 

@@ -7,10 +7,11 @@
 //! runs that are not cached are read with `O_DIRECT` into aligned blocks ([`Block`]) instead,
 //! and copied from there.
 //!
-//! Whether a range is cached is asked of the kernel with `mincore` on the range of the source's
-//! map ([`resident`]): a range whose every page is in the cache is read through it (a copy from
-//! cache pages that already exist), any other is read directly. `RESHARD_READ=direct|cached`
-//! overrides the choice ([`ReadMode::from_env`]; tests and benchmarks).
+//! Whether a range is cached is asked of the kernel once, before anything is read, with
+//! `mincore` on the file's map ([`Residency`]): a range whose every page was in the cache then is
+//! read through it (a copy from cache pages that already exist), any other is read directly.
+//! `RESHARD_READ=direct|cached` overrides the choice ([`ReadMode::from_env`]; tests and
+//! benchmarks).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -95,18 +96,49 @@ pub(crate) fn open_direct(f: &File) -> Option<File> {
     }
 }
 
-/// Whether every page of `map[off..off + len]` is in the page cache (`mincore`). `false` when
-/// the kernel cannot say.
-pub(crate) fn resident(map: &[u8], off: usize, len: usize) -> bool {
-    matches!(resident_pages(map, off, len), Some((r, all)) if r == all)
+/// Which stretches of a mapped file were all in the page cache when it was looked at, in
+/// [`GRAIN`]s, and how many of its bytes were not.
+///
+/// It is taken once, before any read of ours, and not asked again: every read through the cache
+/// starts the kernel's read-ahead of the bytes after it (`read_ahead_kb`, 8 MiB on this VM), so a
+/// range asked of `mincore` just before it is read is "cached" because the read before it drew it
+/// in, and one read through the cache draws every later one through it. Measured on the full
+/// 11B-Vision shape, cold, tp 4 (docs/performance.md, run 10): asked per read, 15.8 of the
+/// 20 GB of source ended in the cache during a conversion, and verify read 45.3 GB for 43.1.
+pub(crate) struct Residency {
+    /// Per grain of the file: whether every page of it was cached.
+    cached: Vec<bool>,
+    uncached: u64,
 }
 
-/// How many bytes of `map` are not in the page cache (all of them when the kernel cannot say).
-pub(crate) fn uncached_bytes(map: &[u8]) -> u64 {
-    let page = page_size();
-    match resident_pages(map, 0, map.len()) {
-        Some((r, _)) => (map.len() as u64).saturating_sub((r * page) as u64),
-        None => map.len() as u64,
+/// The unit of a [`Residency`]: the reads it decides for are of this size.
+pub(crate) const GRAIN: usize = 2 << 20;
+
+impl Residency {
+    /// The residency of `map` now; nothing cached when the kernel cannot say.
+    pub(crate) fn of(map: &[u8]) -> Self {
+        let page = page_size();
+        let grains = map.len().div_ceil(GRAIN);
+        let mut cached = Vec::with_capacity(grains);
+        let mut resident = 0;
+        for g in 0..grains {
+            let (r, all) = resident_pages(map, g * GRAIN, GRAIN).unwrap_or((0, 1));
+            cached.push(r == all);
+            resident += r;
+        }
+        let uncached = (map.len() as u64).saturating_sub((resident * page) as u64);
+        Residency { cached, uncached }
+    }
+
+    /// Whether every grain that `[off, off + len)` touches was all cached.
+    pub(crate) fn cached(&self, off: usize, len: usize) -> bool {
+        let (first, end) = (off / GRAIN, (off + len.max(1)).div_ceil(GRAIN));
+        self.cached.get(first..end).is_some_and(|g| g.iter().all(|&c| c))
+    }
+
+    /// How many bytes of the file were not in the page cache (all when the kernel cannot say).
+    pub(crate) fn uncached(&self) -> u64 {
+        self.uncached
     }
 }
 
@@ -185,21 +217,15 @@ pub(crate) fn will_need(f: &File, off: u64, len: u64) {
     let _ = (f, off, len);
 }
 
-/// Reads `len` bytes at `off` of the `O_DIRECT` handle `direct` into `block`, which must hold
-/// `len + 2 * ALIGN` bytes: the aligned range around them is read. Returns where in the block the
+/// Reads `len` bytes at `off` of the `O_DIRECT` handle `direct` into `buf`, which must start on
+/// [`ALIGN`] (a [`Block`]'s bytes, or a slice of them from an aligned offset) and hold
+/// `len + 2 * ALIGN` bytes: the aligned range around them is read. Returns where in `buf` the
 /// bytes start. A short read that leaves the grid (the end of the file) is completed with `plain`
 /// (a buffered handle on the same file).
-pub(crate) fn read_direct(
-    direct: &File,
-    plain: &File,
-    off: u64,
-    len: usize,
-    block: &mut Block,
-) -> std::io::Result<usize> {
+pub(crate) fn read_direct(direct: &File, plain: &File, off: u64, len: usize, buf: &mut [u8]) -> std::io::Result<usize> {
     let lo = off - off % ALIGN as u64;
     let skip = (off - lo) as usize;
     let want = (skip + len).next_multiple_of(ALIGN);
-    let buf = block.bytes();
     if buf.len() < want {
         return Err(std::io::Error::other(format!("read block of {} bytes for {want}", buf.len())));
     }
@@ -225,6 +251,33 @@ pub(crate) fn read_direct(
 mod tests {
     use super::*;
 
+    /// A residency is what the cache held when it was taken: a file dropped from the cache is
+    /// uncached in every grain, and stays so in that residency after it has been read.
+    #[test]
+    fn a_residency_is_taken_once() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![3u8; 2 * GRAIN + 5 * ALIGN]).unwrap();
+        let f = File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: a hint on an open descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        // SAFETY: a private read-only map of a file this test owns.
+        let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
+        let before = Residency::of(&map);
+        if before.uncached() == 0 {
+            return; // a filesystem that keeps its files in memory (tmpfs)
+        }
+        assert_eq!(before.uncached(), map.len() as u64);
+        let _ = std::fs::read(&path).unwrap();
+        let after = Residency::of(&map);
+        for (off, len) in [(0, 1), (GRAIN - 1, 2), (2 * GRAIN, 5 * ALIGN), (0, map.len())] {
+            assert!(!before.cached(off, len) && after.cached(off, len), "{off}+{len}");
+        }
+        assert_eq!(after.uncached(), 0);
+    }
+
     /// Direct reads return exactly the bytes asked for, at every alignment and up to the file's
     /// last byte (off the 4 KiB grid).
     #[test]
@@ -240,7 +293,7 @@ mod tests {
         for (off, len) in
             [(0, 1), (1, 4095), (4095, 2), (4096, 4096), (100, 5 * ALIGN), (data.len() - 7, 7), (0, 8 * ALIGN)]
         {
-            let at = read_direct(&direct, &plain, off as u64, len, &mut block).unwrap();
+            let at = read_direct(&direct, &plain, off as u64, len, block.bytes()).unwrap();
             assert_eq!(&block.as_slice()[at..at + len], &data[off..off + len], "{off}+{len}");
         }
     }
@@ -254,9 +307,8 @@ mod tests {
         // SAFETY: a private read-only map of a file this test owns.
         let map = unsafe { memmap2::Mmap::map(&f) }.unwrap();
         let _ = std::fs::read(&path).unwrap();
-        assert!(resident(&map, 0, map.len()));
-        assert!(resident(&map, 10, 3));
-        assert!(resident(&map, map.len(), 0));
-        assert_eq!(uncached_bytes(&map), 0);
+        let r = Residency::of(&map);
+        assert_eq!(r.uncached(), 0);
+        assert!(r.cached(0, map.len()) && r.cached(10, 3) && r.cached(map.len(), 0));
     }
 }
