@@ -303,17 +303,18 @@ fn compare_in_windows(
             // What was cached before this file is read: asked per window, the kernel's read-ahead
             // after one window read through the cache would make every later one look cached.
             let out_cached = (!force).then(|| read::Residency::of(map));
-            let block_of = |made: &mut usize, free: &std::sync::mpsc::Receiver<Block>| {
+            // Output windows need room for one read's alignment, source blocks for [`RUNS`].
+            let block_of = |made: &mut usize, free: &std::sync::mpsc::Receiver<Block>, len: usize| {
                 if *made < WINDOWS {
                     *made += 1;
-                    Some(Block::new(window + RUNS * 2 * ALIGN))
+                    Some(Block::new(len))
                 } else {
                     free.recv().ok()
                 }
             };
             for pos in (0..size).step_by(window) {
                 let len = window.min(size - pos);
-                let Some(mut block) = block_of(&mut made, &free_rx) else { return };
+                let Some(mut block) = block_of(&mut made, &free_rx, window + 2 * ALIGN) else { return };
                 let was_cached = out_cached.as_ref().is_some_and(|c| c.cached(pos, len));
                 let mut r = match direct.filter(|_| !was_cached) {
                     Some(d) => read::read_direct(d, file, pos as u64, len, block.bytes()),
@@ -332,7 +333,7 @@ fn compare_in_windows(
                     }
                 }
                 if r.is_ok() && !runs.is_empty() {
-                    let Some(mut b) = block_of(&mut made_src, &free_src_rx) else { return };
+                    let Some(mut b) = block_of(&mut made_src, &free_src_rx, window + RUNS * 2 * ALIGN) else { return };
                     let mut got = Vec::with_capacity(runs.len());
                     let mut at = 0;
                     for &(f, off, l) in &runs {
@@ -439,7 +440,7 @@ mod tests {
     /// plan and the ranks' headers) and the forward check that runs beside them.
     #[test]
     fn blocks_in_flight_leave_room_under_32_mib() {
-        let per_file = 2 * WINDOWS * (WINDOW + 2 * ALIGN);
+        let per_file = WINDOWS * (WINDOW + 2 * ALIGN) + WINDOWS * (WINDOW + RUNS * 2 * ALIGN);
         assert!(crate::write::FILES_AT_ONCE * per_file <= 17 << 20, "{} bytes of blocks", per_file);
     }
 
