@@ -261,8 +261,9 @@ impl Locator<'_> {
                     continue;
                 }
                 // The source bytes of output bytes [sa, sb) of the segment (cast or not).
-                let (se, te) = (from.size(), t.dtype.size());
-                let (lo, hi) = (off + (sa - s.start) / te * se, off + (sb - s.start).div_ceil(te) * se);
+                let (in_elem, out_elem) = (from.size(), t.dtype.size());
+                let lo = off + (sa - s.start) / out_elem * in_elem;
+                let hi = off + (sb - s.start).div_ceil(out_elem) * in_elem;
                 match rest.last_mut() {
                     Some((f, l, h)) if *f == file && lo >= *l && lo <= *h + NEAR => *h = (*h).max(hi),
                     _ => rest.push((file, lo, hi)),
