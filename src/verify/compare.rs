@@ -17,7 +17,8 @@
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::{self, Dtype};
 use crate::plan::{split, OutTensor, Piece};
-use crate::write::read::{self, Block, ALIGN};
+use crate::write::read::{self, Block, ReadMode, ALIGN};
+use crate::write::Sources;
 use std::os::unix::fs::FileExt;
 
 /// Bytes of output read and compared at a time.
@@ -155,39 +156,18 @@ pub(crate) struct Compared {
 
 /// Reads output file `i` of `out` once, in order, and compares the tensors of `tensors` (the
 /// planned tensor and where the file holds it; sorted by offset, not overlapping) with the plan.
-/// When [`Reads`] has `O_DIRECT` handles for the source, a window that lies in one uncast run of
-/// a source file that is not cached is read from it into a block of its own, next to the window. `done(bytes)` is told
-/// of each tensor compared.
+/// The source is read as `sources` says (the writer's rule): where it is read around the page
+/// cache, a window's long uncast source runs are read into a block of their own, next to the
+/// window. `done(bytes)` is told of each tensor compared.
 pub(crate) fn compare_file(
     src: &Checkpoint,
-    reads: &Reads,
+    sources: &Sources,
     out: &Checkpoint,
     i: usize,
     tensors: &[(&OutTensor, &TensorInfo)],
     done: &(dyn Fn(u64) + Sync),
 ) -> Compared {
-    compare_in_windows(src, reads, out, i, tensors, WINDOW, done)
-}
-
-/// How [`compare_file`] reads.
-pub(crate) struct Reads {
-    /// An `O_DIRECT` handle per source file, where the source is read around the page cache
-    /// (empty: through its map).
-    pub src_direct: Vec<Option<std::fs::File>>,
-    /// What of each source file was in the page cache when it was opened (empty with `force`):
-    /// that is read through the map.
-    pub src_cached: Vec<read::Residency>,
-    /// Read around the page cache even what `mincore` finds cached (`RESHARD_READ=direct`).
-    pub force: bool,
-}
-
-impl Reads {
-    /// The handle to read `[off, off + len)` of source file `file` around the page cache with;
-    /// `None` when it is read through the map.
-    fn src_handle(&self, file: usize, off: usize, len: usize) -> Option<&std::fs::File> {
-        let d = self.src_direct.get(file)?.as_ref()?;
-        (self.force || !self.src_cached.get(file).is_some_and(|r| r.cached(off, len))).then_some(d)
-    }
+    compare_in_windows(src, sources, out, i, tensors, WINDOW, done)
 }
 
 /// Source runs of a window shorter than this (the rows of a row-parallel slice, which the other
@@ -198,9 +178,6 @@ const MIN_RUN: usize = 64 << 10;
 /// map): each read may take up to `2 * ALIGN` bytes more than its run, so a block of
 /// `window + RUNS * 2 * ALIGN` bytes holds them all.
 const RUNS: usize = 16;
-/// Source bytes read through the map at most this far apart are asked for as one span (the rows
-/// of a row-parallel slice, whose gaps are the other ranks' columns).
-const NEAR: usize = 1 << 20;
 
 /// Source bytes read around the page cache for a window: the block, and the runs in it, each
 /// (source file, source offset, where in the block, length).
@@ -226,14 +203,14 @@ struct Locator<'a> {
 impl Locator<'_> {
     /// Into `out`, in order, the uncast source runs of at least `min_run` bytes (at most [`RUNS`])
     /// that bytes `[pos, end)` of the output file hold: (source file, source offset, length).
-    /// Into `rest`, the spans (source file, first byte, end) of the other source bytes they hold,
-    /// read through the map: runs of one file at most [`NEAR`] apart make one span.
+    /// Into `rest`, in order, the ranges (source file, first byte, end) of the other source bytes
+    /// they hold, read through the map.
     fn runs(
         &mut self,
         pos: usize,
         end: usize,
         out: &mut Vec<(usize, usize, usize)>,
-        rest: &mut Vec<(usize, usize, usize)>,
+        rest: &mut Vec<(usize, u64, u64)>,
     ) {
         out.clear();
         rest.clear();
@@ -264,10 +241,7 @@ impl Locator<'_> {
                 let (in_elem, out_elem) = (from.size(), t.dtype.size());
                 let lo = off + (sa - s.start) / out_elem * in_elem;
                 let hi = off + (sb - s.start).div_ceil(out_elem) * in_elem;
-                match rest.last_mut() {
-                    Some((f, l, h)) if *f == file && lo >= *l && lo <= *h + NEAR => *h = (*h).max(hi),
-                    _ => rest.push((file, lo, hi)),
-                }
+                rest.push((file, lo as u64, hi as u64));
             }
         }
     }
@@ -277,7 +251,7 @@ impl Locator<'_> {
 /// elements everywhere).
 fn compare_in_windows(
     src: &Checkpoint,
-    reads: &Reads,
+    sources: &Sources,
     out: &Checkpoint,
     i: usize,
     tensors: &[(&OutTensor, &TensorInfo)],
@@ -295,7 +269,7 @@ fn compare_in_windows(
         let (full_tx, full) = sync_channel::<std::io::Result<Window>>(WINDOWS - 2);
         let (free, free_rx) = sync_channel::<Block>(WINDOWS);
         let (free_src, free_src_rx) = sync_channel::<Block>(WINDOWS);
-        let (direct, force) = (direct.as_ref(), reads.force);
+        let (direct, force) = (direct.as_ref(), sources.mode == ReadMode::Direct);
         sc.spawn(move || {
             let (mut made, mut made_src) = (0, 0);
             let min_run = MIN_RUN.min(window / 8).max(1);
@@ -322,26 +296,28 @@ fn compare_in_windows(
                     None => file.read_exact_at(&mut block.bytes()[..len], pos as u64).map(|()| 0),
                 }
                 .map(|at| (block, at, len, pos, None));
-                if !reads.src_direct.is_empty() {
+                if r.is_ok() && sources.mode != ReadMode::Cached {
                     locator.runs(pos, pos + len, &mut runs, &mut rest);
-                    runs.retain(|&(f, off, l)| reads.src_handle(f, off, l).is_some());
                     // The pages the map is read for are asked for now, in the spans they make: a
                     // page fault of the map would otherwise read the 8 MiB around it, most of it
                     // long runs read around the cache (measured on the full 11B-Vision shape,
                     // cold: 45.8 GB read for 43.1; docs/performance.md, run 10).
-                    for &(f, lo, hi) in &rest {
-                        read::will_need(src.file(f), lo as u64, (hi - lo) as u64);
-                    }
-                }
-                if r.is_ok() && !runs.is_empty() {
-                    let Some(mut b) = block_of(&mut made_src, &free_src_rx, window + RUNS * 2 * ALIGN) else { return };
-                    let mut got = Vec::with_capacity(runs.len());
+                    read::will_need_spans(|f| src.file(f), rest.iter().copied());
+                    let mut ahead: Option<Ahead> = None;
                     let mut at = 0;
                     for &(f, off, l) in &runs {
-                        let Some(d) = reads.src_handle(f, off, l) else { continue };
-                        match read::read_direct(d, src.file(f), off as u64, l, &mut b.bytes()[at..]) {
+                        let Some(d) = sources.direct_for(f, off as u64, l) else { continue };
+                        let a = match &mut ahead {
+                            Some(a) => a,
+                            None => {
+                                let len = window + RUNS * 2 * ALIGN;
+                                let Some(block) = block_of(&mut made_src, &free_src_rx, len) else { return };
+                                ahead.insert(Ahead { block, runs: Vec::with_capacity(runs.len()) })
+                            }
+                        };
+                        match read::read_direct(d, src.file(f), off as u64, l, &mut a.block.bytes()[at..]) {
                             Ok(skip) => {
-                                got.push((f, off, at + skip, l));
+                                a.runs.push((f, off, at + skip, l));
                                 at = (at + skip + l).next_multiple_of(ALIGN);
                             }
                             Err(e) => {
@@ -351,7 +327,7 @@ fn compare_in_windows(
                         }
                     }
                     if let Ok(w) = &mut r {
-                        w.4 = Some(Ahead { block: b, runs: got });
+                        w.4 = ahead;
                     }
                 }
                 let stop = r.is_err();
@@ -478,8 +454,9 @@ mod tests {
                 // Through the page cache, and around it (where the filesystem allows O_DIRECT),
                 // the source's runs too.
                 let handles = (0..opened.ckpt.meta.files.len()).map(|i| read::open_direct(opened.ckpt.file(i)));
-                let around = Reads { src_direct: handles.collect(), src_cached: vec![], force: true };
-                let cached = Reads { src_direct: vec![], src_cached: vec![], force: false };
+                let around =
+                    Sources { mode: ReadMode::Direct, direct: handles.collect(), cached: vec![], prefetch: false };
+                let cached = Sources { mode: ReadMode::Cached, direct: vec![], cached: vec![], prefetch: false };
                 for (reads, window) in
                     [&cached, &around].into_iter().flat_map(|r| [999, ALIGN, 3 * ALIGN + 2, 1 << 20].map(|w| (r, w)))
                 {

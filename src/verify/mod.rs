@@ -423,8 +423,10 @@ pub fn verify_opened(
     };
     findings.extend(check_coverage(opened.logical(), whole.as_ref().unwrap_or(&logical_plan)));
     let empty = Vec::new();
-    let (reads, prefetch) = source_reads(ckpt)?;
-    let reads = &reads;
+    // The source is read as the writer reads it: its long runs around the page cache when the part
+    // of it that is not cached is more than half the memory available, through the cache
+    // otherwise, the uncached part read into the cache ahead of the comparison.
+    let sources = &crate::write::Sources::open(ckpt, true)?;
     opts.progress.start("verifying", plan.output_bytes(), crate::progress::Unit::Bytes);
     let checked: Vec<usize> = (0..tp).filter(|r| plan.writes_rank(*r)).collect();
     // At most FILES_AT_ONCE output files are read at once (ranks, and a rank's files, in
@@ -433,7 +435,7 @@ pub fn verify_opened(
         checked
             .par_iter()
             .with_max_len(1)
-            .map(|&r| check_rank(ckpt, reads, &plan, out, r, ranks.get(&r).unwrap_or(&empty), &opts.progress))
+            .map(|&r| check_rank(ckpt, sources, &plan, out, r, ranks.get(&r).unwrap_or(&empty), &opts.progress))
             .collect()
     };
     let threads = rayon::current_num_threads().min(crate::write::FILES_AT_ONCE);
@@ -450,7 +452,7 @@ pub fn verify_opened(
     };
     let silent = VerifyOptions { progress: Default::default(), ..opts.clone() };
     let (per_rank, computed) = std::thread::scope(|sc| {
-        if prefetch {
+        if sources.prefetch {
             sc.spawn(|| crate::write::prefetch(ckpt, &stop));
         }
         let forward = fwd_ranks.as_ref().map(|shards| {
@@ -623,16 +625,6 @@ fn open_meta(dir: &Path, names: &[String]) -> Result<CheckpointMeta, (String, St
     })
 }
 
-/// How the source is read: as the writer reads it ([`crate::write::Sources`]), its long runs
-/// around the page cache when the part of it that is not cached is more than half the memory
-/// available, through the cache otherwise, with the uncached part read into the cache ahead of
-/// the comparison (the second value). `RESHARD_READ=direct|cached` forces either way.
-fn source_reads(ckpt: &Checkpoint) -> Result<(compare::Reads, bool), Error> {
-    use crate::write::read::ReadMode;
-    let s = crate::write::Sources::open(ckpt, true)?;
-    Ok((compare::Reads { src_direct: s.direct, src_cached: s.cached, force: s.mode == ReadMode::Direct }, s.prefetch))
-}
-
 struct RankResult {
     files: usize,
     tensors: usize,
@@ -646,7 +638,7 @@ struct RankResult {
 
 fn check_rank(
     ckpt: &Checkpoint,
-    reads: &compare::Reads,
+    sources: &crate::write::Sources,
     plan: &ShardPlan,
     out: &Path,
     rank: usize,
@@ -715,7 +707,7 @@ fn check_rank(
         .map(|i| {
             let tensors: Vec<(&OutTensor, &TensorInfo)> =
                 by_file[i].iter().map(|&(k, info)| (planned[k], info)).collect();
-            compare::compare_file(ckpt, reads, &shard, i, &tensors, &done)
+            compare::compare_file(ckpt, sources, &shard, i, &tensors, &done)
         })
         .collect();
     for (i, (c, list)) in compared.into_iter().zip(&by_file).enumerate() {

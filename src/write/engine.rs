@@ -605,10 +605,6 @@ fn exec_direct(
     }
 }
 
-/// Runs of a gather at most this far apart are asked of the page cache as one span (the rows of
-/// a row-parallel slice, whose gaps are the other ranks' columns).
-const NEAR: u64 = 1 << 20;
-
 /// Bytes of source read ahead at a time.
 const READ_CHUNK: usize = 2 << 20;
 /// Read blocks per file: one being copied into the stream, the other being read.
@@ -650,37 +646,17 @@ fn read_ahead(
         let (src, src_off) = match u.kind {
             Kind::Copy { src, src_off } => (src, src_off),
             Kind::Gather { runs, .. } => {
-                // One read-ahead per span of nearby runs: a row-parallel slice spans whole rows,
-                // which the other ranks read from the cache after this one. Runs far apart (the
-                // small tensors a gather also holds) are asked for apart: one span from the first
-                // to the last would read all the long runs between them too, which are read around
-                // the cache (measured on the full 11B-Vision shape, cold, tp 4: 31.7 GB read for
-                // 21.3; docs/performance.md, run 10).
-                let mut span: Option<(usize, u64, u64)> = None;
-                for (file, off, len) in runs {
-                    let end = off + len as u64;
-                    span = match span {
-                        Some((f, lo, hi)) if f == file && off >= lo && off <= hi + NEAR => Some((f, lo, hi.max(end))),
-                        prev => {
-                            if let Some((f, lo, hi)) = prev {
-                                read::will_need(ckpt.file(f), lo, hi - lo);
-                            }
-                            Some((file, off, end))
-                        }
-                    };
-                }
-                if let Some((f, lo, hi)) = span {
-                    read::will_need(ckpt.file(f), lo, hi - lo);
-                }
+                // Its pages are asked for ahead, in spans of nearby runs: a row-parallel slice
+                // spans whole rows, which the other ranks read from the cache after this one.
+                let ranges = runs.iter().map(|&(file, off, len)| (file, off, off + len as u64));
+                read::will_need_spans(|i| ckpt.file(i), ranges);
                 return chunks.send(Ok(Ahead::Gather)).map_err(|_| gone());
             }
             _ => return Ok(()),
         };
         for k in (0..u.len).step_by(READ_CHUNK) {
             let (off, len) = (src_off + k, READ_CHUNK.min((u.len - k) as usize));
-            let handle = sources.direct.get(src).and_then(Option::as_ref);
-            let handle = handle.filter(|_| !sources.was_cached(src, off, len));
-            let chunk = match handle {
+            let chunk = match sources.direct_for(src, off, len) {
                 None => None,
                 Some(d) => {
                     let mut block = if made < READ_BLOCKS {
@@ -895,14 +871,16 @@ impl Sources {
         Ok(Sources { mode, direct, cached, prefetch })
     }
 
-    /// Whether `[off, off + len)` of source file `file` is read through the page cache: it was
-    /// all there when the sources were opened, and the mode is not forced to `O_DIRECT`.
-    pub(crate) fn was_cached(&self, file: usize, off: u64, len: usize) -> bool {
-        match self.mode {
+    /// The `O_DIRECT` handle to read `[off, off + len)` of source file `file` with; `None` when
+    /// it is read through the page cache: the mode says so, or the range was all cached when the
+    /// sources were opened (unless the mode forces `O_DIRECT`), or the file has no such handle.
+    pub(crate) fn direct_for(&self, file: usize, off: u64, len: usize) -> Option<&File> {
+        let cached = match self.mode {
             ReadMode::Cached => true,
             ReadMode::Direct => false,
             ReadMode::Auto => self.cached.get(file).is_some_and(|r| r.cached(off as usize, len)),
-        }
+        };
+        self.direct.get(file)?.as_ref().filter(|_| !cached)
     }
 }
 

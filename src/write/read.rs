@@ -217,6 +217,37 @@ pub(crate) fn will_need(f: &File, off: u64, len: u64) {
     let _ = (f, off, len);
 }
 
+/// Byte ranges of one file at most this far apart are asked for as one span by
+/// [`will_need_spans`]: the rows of a row-parallel slice, whose gaps are the other ranks' columns.
+const NEAR: u64 = 1 << 20;
+
+/// [`will_need`] for byte ranges `(file, first byte, end)` given in order, `file` naming each
+/// file's handle: ranges of one file at most [`NEAR`] apart are asked for as one span (the rows of
+/// a row-parallel slice, which the other ranks then find in the cache), ranges farther apart
+/// apart. One span from the first range to the last would also read everything between them,
+/// long runs read around the cache among it: measured on the full 11B-Vision shape, cold, tp 4,
+/// 31.7 GB read for 21.3 (docs/performance.md, run 10).
+pub(crate) fn will_need_spans<'a>(
+    file: impl Fn(usize) -> &'a File,
+    ranges: impl IntoIterator<Item = (usize, u64, u64)>,
+) {
+    let mut span: Option<(usize, u64, u64)> = None;
+    for (f, lo, hi) in ranges {
+        span = match span {
+            Some((g, l, h)) if g == f && lo >= l && lo <= h + NEAR => Some((g, l, h.max(hi))),
+            prev => {
+                if let Some((g, l, h)) = prev {
+                    will_need(file(g), l, h - l);
+                }
+                Some((f, lo, hi))
+            }
+        };
+    }
+    if let Some((g, l, h)) = span {
+        will_need(file(g), l, h - l);
+    }
+}
+
 /// Reads `len` bytes at `off` of the `O_DIRECT` handle `direct` into `buf`, which must start on
 /// [`ALIGN`] (a [`Block`]'s bytes, or a slice of them from an aligned offset) and hold
 /// `len + 2 * ALIGN` bytes: the aligned range around them is read. Returns where in `buf` the
